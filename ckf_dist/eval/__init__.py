@@ -1,0 +1,1 @@
+"""ckf_dist.eval"""

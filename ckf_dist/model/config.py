@@ -1,0 +1,49 @@
+"""Configuration of the CKF model: backbone, bridge (meta-network) and Multi-LoRA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class LoraConfig:
+    """Task-shared and task-specific LoRA placement and shape (paper defaults)."""
+
+    r: int = 16
+    alpha: float = 64.0
+    dropout: float = 0.1
+    shared_r: int = 0                 # 0: same as r
+    shared_targets: list[str] = field(default_factory=lambda: ["k", "v", "o"])   # roles, see model.backbone
+    task_targets: list[str] = field(default_factory=lambda: ["q"])
+    fused_kernels: bool = True        # Triton kernels on CUDA when available; torch path elsewhere
+
+    def validate(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"r: must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if not self.shared_targets and not self.task_targets:
+            raise ValueError("shared_targets: no LoRA placed at all (shared_targets and task_targets are both empty)")
+
+
+@dataclass
+class BridgeConfig:
+    """The personalized mapping bridge from CF embeddings into the LLM's input space."""
+
+    pooling: Literal["mean", "attention"] = "mean"
+    meta_hidden: int = 32
+    personalized: bool = True         # False: a shared (non-personalized) user mapping, for ablations
+    use_cf_slots: bool = True         # False: text-only CKF (ablation baseline)
+
+
+@dataclass
+class ModelConfig:
+    """Frozen backbone plus the trainable CKF parts."""
+
+    backbone: str = "smollm2"         # "smollm2" (embedded GGUF), a local HF folder, or "tiny-<family>" for tests
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    cache_dir: str = ""               # where a converted GGUF backbone is cached; "" = ~/.cache/ckf_dist
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)

@@ -1,0 +1,53 @@
+"""Configuration of distributed training: workers, DeepSpeed, schedule, checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class TrainConfig:
+    """Ray Train + DeepSpeed ZeRO settings and the optimisation schedule."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    address: str = ""                  # Ray cluster address; "" starts a local cluster
+    storage: str = "runs/checkpoints"  # fsspec URL for checkpoints (local path, s3://, gs://)
+    zero_stage: int = 2
+    deepspeed_config: str = ""         # a user's DeepSpeed JSON whose keys override ours
+    micro_batch_size: int = 4          # per worker
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    adam_eps: float = 1e-6
+    warmup_ratio: float = 0.05
+    epochs: float = 3.0
+    max_steps: int = 0                 # > 0 caps the number of optimizer steps
+    mode: Literal["two_stream", "joint"] = "two_stream"
+    task_sampler: Literal["proportional", "uniform"] = "proportional"
+    shuffle_buffer: int = 1024
+    save_every: int = 50               # optimizer steps between checkpoints
+    num_to_keep: int = 2
+    max_failures: int = 0
+    log_every: int = 1
+    grad_clip: float = 1.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers: must be >= 1, got {self.num_workers}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.micro_batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("micro_batch_size: micro_batch_size and grad_accum must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("epochs: set epochs > 0 or max_steps > 0")
+        if self.save_every < 1:
+            raise ValueError(f"save_every: must be >= 1, got {self.save_every}")
+        if self.num_to_keep < 1:
+            raise ValueError(f"num_to_keep: must be >= 1, got {self.num_to_keep}")

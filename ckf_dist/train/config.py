@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 
+# Environment variables handed to workers on a remote cluster (by name; values never enter configs or logs).
+FORWARD_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+               "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS", "HF_HOME", "CKF_CACHE")
+
+
 @dataclass
 class TrainConfig:
     """Ray Train + DeepSpeed ZeRO settings and the optimisation schedule."""
@@ -32,7 +37,9 @@ class TrainConfig:
     max_failures: int = 0
     log_every: int = 1
     grad_clip: float = 1.0
-    extra_env: dict[str, str] = field(default_factory=dict)
+    export_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"   # the gathered trainable export
+    log_dir: str = "runs/logs"         # JSONL + TensorBoard, written by rank 0 (local to its node)
+    forward_env: list[str] = field(default_factory=lambda: list(FORWARD_ENV))  # names passed to a remote cluster
 
     def validate(self) -> None:
         if self.num_workers < 1:

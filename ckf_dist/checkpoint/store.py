@@ -1,0 +1,224 @@
+"""Committed checkpoints on any fsspec URL (local path, s3://, gs://, memory://).
+
+Layout of one run in storage (``<storage>/<run_name>/``)::
+
+    step_00000050/
+        ds/...                         DeepSpeed ZeRO shards (engine.save_checkpoint), for resume
+        export/trainable.safetensors   gathered, full-shaped trainable weights (bridge + adapters)
+        state/rank_00000.json          data cursor, python/numpy RNG, per rank
+        state/rng_rank_00000.safetensors  torch RNG states, per rank
+        files/rank_00000.json          sha256 + size of every file that rank wrote
+        manifest.json                  step, world size, config, versions, all files + sha256
+        COMMITTED                      written last: a checkpoint without it is never picked
+
+Commit protocol: every rank writes and uploads its own files (through ``ray.train.report``),
+all ranks meet at a barrier, then rank 0 merges the per-rank file lists into the manifest
+and writes the marker. A crash anywhere before the marker leaves an uncommitted directory
+that :func:`latest_committed` skips and :func:`apply_retention` eventually deletes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+from fsspec.core import url_to_fs
+
+COMMIT_MARKER = "COMMITTED"
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+CHECKPOINT_SCHEMA = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, uncommitted, corrupt or does not match the run."""
+
+
+def step_dir_name(step: int) -> str:
+    """Directory name of the checkpoint taken after ``step`` optimizer steps."""
+    return f"step_{step:08d}"
+
+
+def open_store(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Filesystem and root path for a storage URL; a plain local path stays plain and absolute."""
+    if "://" not in url:
+        url = os.path.abspath(url)
+    fs, path = url_to_fs(url)
+    return fs, path.rstrip("/")
+
+
+def pyarrow_filesystem(url: str):
+    """(pyarrow filesystem, path) for Ray's ``RunConfig``: local paths stay native, others go through fsspec."""
+    import pyarrow.fs as pafs
+
+    fs, path = open_store(url)
+    if "://" not in url or url.startswith("file://"):
+        return None, path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a local file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_tree(root: str | Path) -> dict[str, dict]:
+    """``{relative/posix/path: {"sha256", "bytes"}}`` for every file below a local folder."""
+    root = Path(root)
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            out[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return out
+
+
+@dataclass
+class CheckpointRef:
+    """A committed checkpoint: where it is and what its manifest says."""
+
+    fs: fsspec.AbstractFileSystem
+    path: str
+    step: int
+    manifest: dict
+
+    @property
+    def url(self) -> str:
+        protocol = self.fs.protocol[0] if isinstance(self.fs.protocol, (tuple, list)) else self.fs.protocol
+        return self.path if protocol in ("file", "local") else f"{protocol}://{self.path}"
+
+
+def _list_step_dirs(fs, run_path: str) -> list[tuple[int, str]]:
+    try:
+        entries = fs.ls(run_path, detail=False)
+    except FileNotFoundError:
+        return []
+    out = []
+    for e in entries:
+        m = STEP_DIR.match(posixpath.basename(e.rstrip("/")))
+        if m:
+            out.append((int(m.group(1)), e.rstrip("/")))
+    return sorted(out)
+
+
+def read_manifest(fs, ckpt_path: str) -> dict:
+    """Manifest of a checkpoint folder; CheckpointError when it is not committed."""
+    if not fs.exists(posixpath.join(ckpt_path, COMMIT_MARKER)):
+        raise CheckpointError(f"{ckpt_path}: no {COMMIT_MARKER} marker; the checkpoint was never committed")
+    try:
+        with fs.open(posixpath.join(ckpt_path, MANIFEST), "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt_path}: committed but {MANIFEST} is missing") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{ckpt_path}/{MANIFEST}: not valid JSON ({exc})") from None
+
+
+def latest_committed(storage_url: str, run_name: str) -> CheckpointRef | None:
+    """The newest committed checkpoint of a run, or None. Uncommitted folders are skipped."""
+    fs, root = open_store(storage_url)
+    fs.invalidate_cache()
+    run_path = posixpath.join(root, run_name)
+    for step, path in reversed(_list_step_dirs(fs, run_path)):
+        if fs.exists(posixpath.join(path, COMMIT_MARKER)):
+            return CheckpointRef(fs, path, step, read_manifest(fs, path))
+    return None
+
+
+def resolve_checkpoint(url: str) -> CheckpointRef:
+    """A checkpoint URL, or a run folder (its latest committed checkpoint), as a CheckpointRef."""
+    fs, path = open_store(url)
+    fs.invalidate_cache()
+    if not fs.exists(path):
+        raise CheckpointError(f"{url}: not found")
+    m = STEP_DIR.match(posixpath.basename(path))
+    if m:
+        return CheckpointRef(fs, path, int(m.group(1)), read_manifest(fs, path))
+    steps = _list_step_dirs(fs, path)
+    for step, p in reversed(steps):
+        if fs.exists(posixpath.join(p, COMMIT_MARKER)):
+            return CheckpointRef(fs, p, step, read_manifest(fs, p))
+    if steps:
+        raise CheckpointError(f"{url}: {len(steps)} checkpoint folder(s) but none committed (no {COMMIT_MARKER} marker)")
+    raise CheckpointError(f"{url}: neither a checkpoint (step_XXXXXXXX) nor a run folder holding one")
+
+
+def commit(fs, ckpt_path: str, manifest: dict, world_size: int) -> None:
+    """Merge per-rank file lists into the manifest, write it, then the marker (last)."""
+    files: dict[str, dict] = {}
+    for rank in range(world_size):
+        listing = posixpath.join(ckpt_path, "files", f"rank_{rank:05d}.json")
+        try:
+            with fs.open(listing, "r") as f:
+                files.update(json.load(f))
+        except FileNotFoundError:
+            raise CheckpointError(f"{listing}: rank {rank} did not upload its file list; not committing") from None
+    fs.invalidate_cache()
+    for rel, meta in files.items():
+        full = posixpath.join(ckpt_path, rel)
+        size = fs.size(full) if fs.exists(full) else None
+        if size != meta["bytes"]:
+            raise CheckpointError(f"{full}: expected {meta['bytes']} bytes, found {size}; not committing")
+    manifest = dict(manifest, files=files, schema=CHECKPOINT_SCHEMA)
+    with fs.open(posixpath.join(ckpt_path, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    with fs.open(posixpath.join(ckpt_path, COMMIT_MARKER), "w") as f:
+        f.write(f"{manifest.get('step', '')}\n")
+
+
+def fetch(ref: CheckpointRef, rel_paths: list[str], dest: str | Path, verify: bool = True) -> Path:
+    """Download some files of a committed checkpoint to a local folder, checking their sha256."""
+    dest = Path(dest)
+    files = ref.manifest.get("files", {})
+    for rel in rel_paths:
+        if rel not in files:
+            raise CheckpointError(f"{ref.url}: {rel} is not listed in its manifest")
+        src = posixpath.join(ref.path, rel)
+        out = dest / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            ref.fs.get_file(src, str(out))
+        except FileNotFoundError:
+            raise CheckpointError(f"{ref.url}/{rel}: missing (listed in the manifest)") from None
+        if verify:
+            digest = sha256_file(out)
+            if digest != files[rel]["sha256"]:
+                raise CheckpointError(f"{ref.url}/{rel}: sha256 mismatch (corrupt shard): expected {files[rel]['sha256'][:12]}…, got {digest[:12]}…")
+    return dest
+
+
+def verify(ref: CheckpointRef) -> None:
+    """Check size of every file in the manifest (sha256 is checked when a file is fetched)."""
+    ref.fs.invalidate_cache()
+    for rel, meta in ref.manifest.get("files", {}).items():
+        full = posixpath.join(ref.path, rel)
+        if not ref.fs.exists(full):
+            raise CheckpointError(f"{ref.url}/{rel}: missing (listed in the manifest)")
+        if ref.fs.size(full) != meta["bytes"]:
+            raise CheckpointError(f"{ref.url}/{rel}: size {ref.fs.size(full)} != {meta['bytes']} in the manifest (corrupt)")
+
+
+def apply_retention(storage_url: str, run_name: str, num_to_keep: int) -> list[str]:
+    """Delete all but the newest ``num_to_keep`` committed checkpoints and any uncommitted folder
+    older than the newest committed one. Returns the deleted paths."""
+    fs, root = open_store(storage_url)
+    fs.invalidate_cache()
+    steps = _list_step_dirs(fs, posixpath.join(root, run_name))
+    committed = [(s, p) for s, p in steps if fs.exists(posixpath.join(p, COMMIT_MARKER))]
+    if not committed:
+        return []
+    newest = committed[-1][0]
+    keep = {p for _, p in committed[-num_to_keep:]}
+    doomed = [p for s, p in steps if p not in keep and s <= newest]
+    for p in doomed:
+        fs.rm(p, recursive=True)
+    return doomed

@@ -1,0 +1,151 @@
+"""The ``ckf`` command line. Each subcommand parses its arguments and calls the library.
+
+    ckf config show CONFIG [--set KEY=VALUE ...]
+    ckf prepare CONFIG [--set ...] [--overwrite]
+    ckf train CONFIG [--set ...]
+    ckf consolidate CKPT_URL --out DIR
+    ckf evaluate RUN_DIR_OR_CKPT --config CONFIG [--set ...]
+    ckf demo [CONFIG]                 prepare -> train -> consolidate -> evaluate
+    ckf submit CONFIG --address http://HEAD:8265   /   ckf jobs list|logs|stop
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_DEMO_CONFIG = "configs/demo-cpu.yaml"
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("config", nargs=None if required else "?", help="YAML run config (see configs/)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field by its dotted key, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+
+
+def _load(args):
+    from ckf_dist.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_config_show(args) -> int:
+    from ckf_dist.config import dump_config
+
+    print(dump_config(_load(args)), end="")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from ckf_dist.data.prepare import run_prepare
+
+    run_prepare(_load(args), overwrite=args.overwrite, progress=not args.quiet)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from ckf_dist.train.driver import run_train
+
+    result = run_train(_load(args), progress=not args.quiet)
+    print(f"checkpoint: {result['checkpoint']}")
+    return 0
+
+
+def cmd_consolidate(args) -> int:
+    from ckf_dist.checkpoint.consolidate import consolidate
+
+    out = consolidate(args.checkpoint, args.out, progress=not args.quiet)
+    print(f"consolidated into {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ckf_dist.eval.evaluate import run_evaluate
+
+    run_evaluate(_load(args), args.run, out_dir=args.out, progress=not args.quiet)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ckf_dist.demo import run_demo
+
+    return run_demo(args.config or DEFAULT_DEMO_CONFIG, args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ckf",
+        description="Train CKF adapters (CF-fused prompts + Multi-LoRA) for LLM multi-task recommendation "
+        "on a Ray + DeepSpeed cluster.",
+        epilog="Start with: ckf demo   (MovieLens-100k + SmolLM2-135M on this machine's CPUs)",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("config", help="inspect configs")
+    csub = p.add_subparsers(dest="config_command", metavar="show")
+    csub.required = True
+    show = csub.add_parser("show", help="print the resolved config (defaults + file + overrides)")
+    _add_config_args(show)
+    show.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("prepare", help="raw log -> CF embeddings + pre-tokenized Arrow shards on any fsspec URL")
+    _add_config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace a complete dataset at data.output")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="run the Ray Train + DeepSpeed job; checkpoints go to train.storage")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("consolidate", help="committed checkpoint -> bridge.safetensors + one peft adapter per task")
+    p.add_argument("checkpoint", help="checkpoint URL (a run folder picks its latest committed checkpoint)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_consolidate)
+
+    p = sub.add_parser("evaluate", help="score the test split of every task; table vs baselines, JSON, PNG")
+    p.add_argument("run", help="a consolidated folder or a checkpoint URL")
+    p.add_argument("--config", required=True, help="the run's YAML config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default="", help="output folder (default: eval.output)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="prepare -> train -> consolidate -> evaluate on the embedded default")
+    _add_config_args(p, required=False)
+    p.set_defaults(func=cmd_demo)
+
+    try:
+        from ckf_dist.launch.cli import add_cli
+    except ImportError:
+        pass
+    else:
+        add_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ckf`` console script."""
+    from ckf_dist.config import ConfigError
+    from ckf_dist.resources import ResourceError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, ResourceError) as exc:
+        print(f"ckf: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ckf: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # user-facing errors of the library carry a clear message
+        if type(exc).__name__ in {"DataError", "CheckpointError", "TrainError"}:
+            print(f"ckf: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

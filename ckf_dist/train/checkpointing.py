@@ -1,0 +1,124 @@
+"""Save and restore one worker's share of a training checkpoint.
+
+Each rank writes its files into a local staging folder, hashes them, and hands the folder
+to an *uploader* (``ray.train.report`` inside Ray, a plain fsspec upload outside it). After
+every rank has uploaded, rank 0 commits (manifest, then marker). See ``checkpoint.store``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from ckf_dist.checkpoint import store
+
+Uploader = Callable[[Path, str, dict], None]  # (local folder, checkpoint dir name, metrics)
+
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """Python/numpy RNG states (JSON-able) and torch RNG states (tensors)."""
+    py = random.getstate()
+    npst = np.random.get_state()
+    meta = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
+    }
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    return meta, tensors
+
+
+def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    v, state, gauss = meta["python"]
+    random.setstate((v, tuple(state), gauss))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+
+
+def gathered_trainable_state(engine, export_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Full-shaped trainable tensors on every rank (ZeRO-3 partitions are gathered first).
+
+    Every rank must call this (the gather is collective); only rank 0 writes the result.
+    """
+    module = engine.module
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {n: p.detach().to(export_dtype).cpu().clone() for n, p in named}
+    return {n: p.detach().to(export_dtype).cpu().clone() for n, p in named}
+
+
+def save_worker_checkpoint(
+    engine, *, step: int, rank: int, world_size: int, worker_state: dict, export_dtype: torch.dtype,
+    rank0_files: dict[str, str], uploader: Uploader, metrics: dict,
+) -> Path:
+    """Write this rank's files for checkpoint ``step`` and upload them; returns the staging folder.
+
+    ``rank0_files`` maps relative names to text contents that rank 0 adds (config, metrics log).
+    """
+    name = store.step_dir_name(step)
+    stage = Path(tempfile.mkdtemp(prefix=f"ckf-{name}-r{rank}-"))
+    # ZeRO shards for resume; the frozen backbone never goes into a checkpoint.
+    engine.save_checkpoint(str(stage / "ds"), tag=name, exclude_frozen_parameters=True,
+                           save_latest=(rank == 0))
+    export = gathered_trainable_state(engine, export_dtype)
+    if rank == 0:
+        (stage / "export").mkdir()
+        save_file(export, str(stage / "export" / "trainable.safetensors"), metadata={"step": str(step)})
+        for rel, text in rank0_files.items():
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            (stage / rel).write_text(text)
+    meta, tensors = rng_state()
+    (stage / "state").mkdir(exist_ok=True)
+    (stage / "state" / f"rank_{rank:05d}.json").write_text(json.dumps({"rank": rank, "rng": meta, **worker_state}))
+    save_file(tensors, str(stage / "state" / f"rng_rank_{rank:05d}.safetensors"))
+    listing = store.hash_tree(stage)
+    (stage / "files").mkdir()
+    (stage / "files" / f"rank_{rank:05d}.json").write_text(json.dumps(listing))
+    uploader(stage, name, metrics)
+    return stage
+
+
+def load_worker_checkpoint(engine, ref: store.CheckpointRef, rank: int, world_size: int) -> dict:
+    """Restore engine, RNG and this rank's worker state from a committed checkpoint."""
+    saved_world = ref.manifest.get("world_size")
+    if saved_world != world_size:
+        raise store.CheckpointError(
+            f"{ref.url}: saved with {saved_world} workers, resuming with {world_size}; exact resume needs the same "
+            f"train.num_workers (or start a new run_name)")
+    files = ref.manifest["files"]
+    wanted = [f for f in files if f.startswith("ds/")]
+    wanted += [f"state/rank_{rank:05d}.json", f"state/rng_rank_{rank:05d}.safetensors"]
+    local = Path(tempfile.mkdtemp(prefix=f"ckf-resume-r{rank}-"))
+    try:
+        store.fetch(ref, wanted, local)
+        engine.load_checkpoint(str(local / "ds"), tag=store.step_dir_name(ref.step), load_module_strict=False,
+                               load_optimizer_states=True, load_lr_scheduler_states=True)
+        state = json.loads((local / "state" / f"rank_{rank:05d}.json").read_text())
+        set_rng_state(state.pop("rng"), load_file(str(local / "state" / f"rng_rank_{rank:05d}.safetensors")))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    return state
+
+
+def barrier() -> None:
+    """A barrier when a process group exists (single-process runs have none)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

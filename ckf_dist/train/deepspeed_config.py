@@ -1,0 +1,59 @@
+"""The DeepSpeed config, generated from ours; a user's DeepSpeed JSON overrides any key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ckf_dist.train.config import TrainConfig
+
+
+class TrainError(RuntimeError):
+    """A training problem the user can act on (bad DeepSpeed JSON, mismatched resume, ...)."""
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``base`` with ``override`` merged in recursively (override wins)."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_deepspeed_config(cfg: TrainConfig, world_size: int, dtype: str) -> dict:
+    """DeepSpeed config for ``world_size`` ranks; ``dtype`` is the model's compute dtype."""
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 2:
+        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)
+    if cfg.zero_stage == 3:
+        # Trainable parameters are small: keep them gathered between steps; the frozen
+        # backbone is partitioned (zero.Init at load) and gathered layer by layer.
+        zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=False)
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16", "initial_scale_power": 12},
+        # Our client AdamW is used on every stage; DeepSpeed must not swap in its compiled ones.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed_config:
+        path = Path(cfg.deepspeed_config)
+        try:
+            user = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise TrainError(f"train.deepspeed_config: {path} not found") from None
+        except json.JSONDecodeError as exc:
+            raise TrainError(f"train.deepspeed_config: {path} is not valid JSON ({exc})") from None
+        if not isinstance(user, dict):
+            raise TrainError(f"train.deepspeed_config: {path} must hold a JSON object")
+        ds = deep_merge(ds, user)
+        # Keep the batch arithmetic consistent whatever the user overrode.
+        ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size
+    return ds

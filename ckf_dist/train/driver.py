@@ -1,0 +1,88 @@
+"""``ckf train``: the Ray Train driver.
+
+Connects to a Ray cluster (``train.address``) or starts a local one sized so that workers
+cannot starve each other, then runs a ``TorchTrainer`` whose workers execute
+:func:`ckf_dist.train.worker.train_loop_per_worker`. Checkpoints land under
+``<train.storage>/<run_name>/step_XXXXXXXX``; rerunning the same run name resumes.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ckf_dist.checkpoint import store
+from ckf_dist.config import CKFConfig, config_to_dict
+from ckf_dist.train.deepspeed_config import TrainError
+
+
+def _init_ray(cfg: CKFConfig) -> bool:
+    """Start or join Ray; returns True when this call started it (and should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    tcfg = cfg.train
+    env = {k: os.environ[k] for k in tcfg.forward_env if k in os.environ}
+    if tcfg.address:
+        ray.init(address=tcfg.address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+    else:
+        # One logical CPU per worker plus headroom: Ray tasks beside the workers must never
+        # wait on a CPU the workers hold (STACK.md: the 1/0 CPU deadlock).
+        ray.init(num_cpus=max(4, tcfg.num_workers + 2), include_dashboard=False,
+                 dashboard_host="127.0.0.1", log_to_driver=True)
+    return True
+
+
+def _check_inputs(cfg: CKFConfig) -> None:
+    """Fail before starting workers when the dataset or storage is unusable."""
+    fs, path = store.open_store(cfg.data.output)
+    try:
+        ok = fs.exists(f"{path}/manifest.json")
+    except Exception as exc:  # unreachable bucket, bad credentials
+        raise TrainError(f"data.output {cfg.data.output}: cannot be read ({type(exc).__name__}: {exc})") from None
+    if not ok:
+        raise TrainError(f"data.output {cfg.data.output}: no manifest.json; run `ckf prepare` with this config first")
+    sfs, spath = store.open_store(cfg.train.storage)
+    try:
+        sfs.makedirs(f"{spath}/{cfg.run_name}", exist_ok=True)
+    except Exception as exc:
+        raise TrainError(f"train.storage {cfg.train.storage}: not writable ({type(exc).__name__}: {exc})") from None
+
+
+def run_train(cfg: CKFConfig, progress: bool = True) -> dict:
+    """Train with ``cfg.train.num_workers`` Ray workers; returns the committed checkpoint URL."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ckf_dist.train.worker import train_loop_per_worker
+
+    _check_inputs(cfg)
+    tcfg = cfg.train
+    started = _init_ray(cfg)
+    try:
+        pa_fs, storage_path = store.pyarrow_filesystem(tcfg.storage)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": config_to_dict(cfg), "fault": os.environ.get("CKF_FAULT", "")},
+            scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
+                                         resources_per_worker={"CPU": 1, **({"GPU": 1} if tcfg.use_gpu else {})}),
+            torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
+            run_config=RunConfig(
+                name=cfg.run_name, storage_path=storage_path, storage_filesystem=pa_fs,
+                failure_config=FailureConfig(max_failures=tcfg.max_failures),
+                # Retention is ours (checkpoint.store.apply_retention): it only deletes after a newer commit.
+                checkpoint_config=CheckpointConfig(num_to_keep=None),
+            ),
+        )
+        try:
+            trainer.fit()
+        except Exception as exc:
+            raise TrainError(f"training run {cfg.run_name!r} failed: {exc}") from exc
+    finally:
+        if started:
+            ray.shutdown()
+    ref = store.latest_committed(tcfg.storage, cfg.run_name)
+    if ref is None:
+        raise TrainError(f"run {cfg.run_name!r} finished without a committed checkpoint in {tcfg.storage}")
+    return {"checkpoint": ref.url, "step": ref.step, "metrics": ref.manifest.get("metrics", {})}

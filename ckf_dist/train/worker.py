@@ -1,0 +1,258 @@
+"""The per-worker training loop: build the CKF model, wrap its trainable part in DeepSpeed,
+stream this rank's shard rows, run the two-stream curriculum step, checkpoint, resume.
+
+Runs inside a Ray Train worker (``train_loop_per_worker``) or in a plain process with a
+world of one (``run_worker`` with a local uploader), which is what the fast tests use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ckf_dist.checkpoint import store
+from ckf_dist.config import CKFConfig, config_to_dict, dump_config
+from ckf_dist.train.checkpointing import barrier, load_worker_checkpoint, save_worker_checkpoint
+from ckf_dist.train.deepspeed_config import TrainError, build_deepspeed_config
+from ckf_dist.train.metrics_log import MetricsLog
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def seed_everything(seed: int) -> None:
+    """Same initial weights and dropout masks on every rank."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float):
+    """Linear warm-up over ``warmup_ratio`` of the steps, then linear decay to zero."""
+    warmup = max(1, int(round(total_steps * warmup_ratio))) if warmup_ratio > 0 else 0
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return fn
+
+
+def parse_fault(spec: str) -> dict:
+    """Test fault injection from ``CKF_FAULT``: ``raise@STEP`` or ``kill@STEP:rank=R:once=PATH``."""
+    if not spec:
+        return {}
+    head, *opts = spec.split(":")
+    kind, _, step = head.partition("@")
+    fault = {"kind": kind, "step": int(step)}
+    for o in opts:
+        k, _, v = o.partition("=")
+        fault[k] = v
+    return fault
+
+
+class Worker:
+    """One rank of a CKF training run."""
+
+    def __init__(self, cfg: CKFConfig, rank: int, world_size: int, uploader, fault: str = ""):
+        self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.uploader = uploader
+        self.fault = parse_fault(fault)
+        self.step = 0
+        self.log = MetricsLog(cfg, rank)
+
+    # ------------------------------------------------------------------ build
+    def build(self) -> None:
+        """Data stream, CKF model and DeepSpeed engine, in that order."""
+        import deepspeed
+
+        from ckf_dist.data.shards import read_manifest, load_cf_embeddings
+        from ckf_dist.data.stream import ShardStream, check_tokenizer
+        from ckf_dist.model import build_ckf_model, load_backbone
+
+        cfg, tcfg = self.cfg, self.cfg.train
+        self.manifest = read_manifest(cfg.data.output)
+        self.stream = ShardStream(cfg.data.output, split="train", rank=self.rank, world_size=self.world,
+                                  seed=cfg.seed, shuffle_buffer=tcfg.shuffle_buffer)
+        seed_everything(cfg.seed)
+        self.ds_config = build_deepspeed_config(tcfg, self.world, cfg.model.dtype)
+        if tcfg.zero_stage == 3:  # partition the frozen backbone as it loads
+            with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
+                backbone, tokenizer = load_backbone(cfg.model)
+        else:
+            backbone, tokenizer = load_backbone(cfg.model)
+        check_tokenizer(self.manifest, tokenizer)
+        self.pad_id = self.manifest["tokenizer"]["pad_id"]
+        cf_user, cf_item = load_cf_embeddings(cfg.data.output)
+        model = build_ckf_model(cfg.model, backbone, cf_user, cf_item, n_tasks=4)
+        self.total_steps = self._total_steps()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=tcfg.lr, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.total_steps, tcfg.warmup_ratio))
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                                    config=self.ds_config, model_parameters=params)
+
+    def _total_steps(self) -> int:
+        t = self.cfg.train
+        per_step = t.micro_batch_size * t.grad_accum
+        steps_per_epoch = self.stream.rows_per_rank() // per_step
+        if steps_per_epoch == 0:
+            raise TrainError(f"{self.cfg.data.output}: {self.stream.rows_per_rank()} training rows per worker is fewer "
+                             f"than one step (micro_batch_size x grad_accum = {per_step}); use fewer workers or a smaller batch")
+        total = math.ceil(t.epochs * steps_per_epoch) if t.epochs > 0 else t.max_steps
+        return min(total, t.max_steps) if t.max_steps > 0 else total
+
+    # ------------------------------------------------------------------ resume
+    def resume(self) -> bool:
+        """Restore from the newest committed checkpoint of this run, if any."""
+        ref = store.latest_committed(self.cfg.train.storage, self.cfg.run_name)
+        if ref is None:
+            return False
+        state = load_worker_checkpoint(self.engine, ref, self.rank, self.world)
+        self.step = int(state["step"])
+        self.stream.load_state_dict(state["cursor"])
+        self.log.restore(ref)
+        if self.rank == 0:
+            print(f"[ckf] resumed from {ref.url} at step {self.step}/{self.total_steps}", flush=True)
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def batches(self):
+        """Micro-batches of this rank's rows, epoch after epoch (a partial last batch is dropped)."""
+        from ckf_dist.data.collate import collate
+
+        mb = self.cfg.train.micro_batch_size
+        while True:
+            rows = []
+            for row in self.stream:
+                rows.append(row)
+                if len(rows) == mb:
+                    yield collate(rows, self.pad_id)
+                    rows = []
+            self.stream.next_epoch()
+
+    def train(self) -> dict:
+        """Run until ``total_steps`` optimizer steps; checkpoint every ``save_every`` and at the end."""
+        tcfg = self.cfg.train
+        engine = self.engine
+        t0, seen, tokens = time.perf_counter(), 0, 0
+        acc: dict[str, float] = {}
+        for batch in self.batches():
+            if self.step >= self.total_steps:
+                break
+            loss, stats = engine.module.loss(batch, step=self.step, total_steps=self.total_steps, mode=tcfg.mode)
+            engine.backward(loss)
+            engine.step()
+            seen += int(batch["task_ids"].numel())
+            tokens += int(batch["text_attention_mask"].sum() + batch["cf_attention_mask"].sum())
+            for k, v in stats.items():
+                acc[k] = acc.get(k, 0.0) + float(v) / tcfg.grad_accum
+            if not engine.is_gradient_accumulation_boundary():
+                continue
+            self.step += 1
+            dt = time.perf_counter() - t0
+            self.log.step(self.step, self.total_steps, acc, lr=engine.get_lr()[0],
+                          samples_per_s=seen * self.world / dt, tokens_per_s=tokens * self.world / dt)
+            acc, t0, seen, tokens = {}, time.perf_counter(), 0, 0
+            if self.step % tcfg.save_every == 0 or self.step == self.total_steps:
+                self.save()
+            self._maybe_fault()
+        self.log.close()
+        return {"step": self.step}
+
+    # ------------------------------------------------------------------ save
+    def save(self) -> None:
+        """Every rank writes and uploads its share; rank 0 commits after all have uploaded."""
+        import deepspeed
+        import transformers
+
+        worker_state = {"step": self.step, "cursor": self.stream.state_dict(), "world_size": self.world}
+        rank0_files = {"config.yaml": dump_config(self.cfg), "metrics.jsonl": self.log.jsonl_text()}
+        stage = save_worker_checkpoint(
+            self.engine, step=self.step, rank=self.rank, world_size=self.world, worker_state=worker_state,
+            export_dtype=DTYPES[self.cfg.train.export_dtype], rank0_files=rank0_files,
+            uploader=self.uploader, metrics=self.log.last)
+        barrier()  # every rank's files are in storage before the marker
+        if self.rank == 0:
+            fs, root = store.open_store(self.cfg.train.storage)
+            path = f"{root}/{self.cfg.run_name}/{store.step_dir_name(self.step)}"
+            manifest = {
+                "step": self.step, "total_steps": self.total_steps, "world_size": self.world,
+                "run_name": self.cfg.run_name, "config": config_to_dict(self.cfg),
+                "dataset": {"url": self.cfg.data.output, "tokenizer": self.manifest["tokenizer"],
+                            "answer_tokens": self.manifest.get("answer_tokens", {})},
+                "zero_stage": self.engine.zero_optimization_stage(), "export_dtype": self.cfg.train.export_dtype,
+                "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                             "transformers": transformers.__version__},
+                "metrics": self.log.last,
+            }
+            store.commit(fs, path, manifest, self.world)
+            store.apply_retention(self.cfg.train.storage, self.cfg.run_name, self.cfg.train.num_to_keep)
+            print(f"[ckf] checkpoint committed: step {self.step} -> {path}", flush=True)
+        barrier()
+        shutil.rmtree(stage, ignore_errors=True)
+
+    def _maybe_fault(self) -> None:
+        f = self.fault
+        if not f or f["step"] != self.step:
+            return
+        if f["kind"] == "raise":
+            raise RuntimeError(f"injected fault after step {self.step} (CKF_FAULT)")
+        if f["kind"] == "kill" and int(f.get("rank", self.rank)) == self.rank:
+            once = f.get("once")
+            if once and os.path.exists(once):
+                return
+            if once:
+                Path(once).write_text("killed")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_worker(cfg: CKFConfig, rank: int, world_size: int, uploader, fault: str = "") -> dict:
+    """Build, resume if possible, train. The body of every worker."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world_size)))
+    worker = Worker(cfg, rank, world_size, uploader, fault)
+    worker.build()
+    worker.resume()
+    return worker.train()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: ``config`` holds the resolved config dict and the fault spec."""
+    import ray.train
+
+    from ckf_dist.config import config_from_dict
+
+    cfg = config_from_dict(config["cfg"], source="train_loop_config")
+    ctx = ray.train.get_context()
+
+    def ray_uploader(folder: Path, name: str, metrics: dict) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                         checkpoint_dir_name=name)
+
+    run_worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), ray_uploader, config.get("fault", ""))
+
+
+def local_uploader(cfg: CKFConfig):
+    """Uploader for a single process without Ray: copy the staging folder into storage."""
+    fs, root = store.open_store(cfg.train.storage)
+
+    def upload(folder: Path, name: str, metrics: dict) -> None:
+        dest = f"{root}/{cfg.run_name}/{name}"
+        fs.makedirs(dest, exist_ok=True)
+        fs.put(str(folder) + "/", dest, recursive=True)
+
+    return upload
+
+
+def dump_json(obj) -> str:
+    """Compact JSON used in logs."""
+    return json.dumps(obj, separators=(",", ":"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 
@@ -19,11 +19,21 @@ class CFConfig:
     lightgcn_layers: int = 2
     patience: int = 10        # early stopping on validation AUC
     eval_every: int = 1
+    eval_negatives: int = 100  # sampled negatives per user for the AUC metrics
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])   # HR@k / NDCG@k over the sequential candidates
 
     def validate(self) -> None:
         if not 1 <= self.dim <= 1024:
             raise ValueError(f"dim: must be in [1, 1024], got {self.dim}")
         if self.epochs < 1:
             raise ValueError(f"epochs: must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.patience < 1 or self.eval_every < 1:
+            raise ValueError("patience: patience and eval_every must be >= 1")
+        if self.eval_negatives < 1:
+            raise ValueError(f"eval_negatives: must be >= 1, got {self.eval_negatives}")
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"ks: must be a non-empty list of positive cut-offs, got {self.ks}")
         if self.lr <= 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")

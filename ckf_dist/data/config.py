@@ -27,6 +27,7 @@ class DataConfig:
     tokenizer: str = "smollm2"         # "smollm2" (embedded) or a local tokenizer folder
     max_length: int = 512
     max_title_chars: int = 80
+    max_review_tokens: int = 32        # review task: the answer (summary, else review text) is cut to this many tokens
     shard_rows: int = 2048
     bad_records: Literal["error", "skip"] = "error"
     synthetic_users: int = 300
@@ -46,10 +47,22 @@ class DataConfig:
             raise ValueError(f"shard_rows: must be >= 1, got {self.shard_rows}")
         if self.max_length < 16:
             raise ValueError(f"max_length: must be >= 16, got {self.max_length}")
+        if self.max_review_tokens < 1 or self.max_title_chars < 1:
+            raise ValueError("max_review_tokens: max_review_tokens and max_title_chars must be >= 1")
+        if not 0.0 < self.like_threshold:
+            raise ValueError(f"like_threshold: must be > 0, got {self.like_threshold}")
+        if self.cold_max_interactions < 0:
+            raise ValueError(f"cold_max_interactions: must be >= 0, got {self.cold_max_interactions}")
+        if self.source == "synthetic" and min(self.synthetic_users, self.synthetic_items, self.synthetic_interactions_per_user) < 3:
+            raise ValueError("synthetic_users: synthetic users, items and interactions per user must be >= 3")
+        if self.source == "synthetic" and self.synthetic_interactions_per_user > self.synthetic_items:
+            raise ValueError("synthetic_interactions_per_user: must be <= synthetic_items")
         bad = set(self.task_weights) - {"ctr", "sequential", "rating", "review"}
         if bad:
             raise ValueError(f"task_weights: unknown task(s) {sorted(bad)}; tasks are ctr, sequential, rating, review")
         if any(w < 0 for w in self.task_weights.values()):
             raise ValueError("task_weights: weights must be >= 0")
+        if not any(w > 0 for w in self.task_weights.values()):
+            raise ValueError("task_weights: at least one task needs a weight > 0")
         if self.source not in ("movielens-embedded", "synthetic") and not self.path:
             raise ValueError(f"path: source {self.source!r} needs data.path (the raw files)")

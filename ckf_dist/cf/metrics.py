@@ -1,0 +1,103 @@
+"""Sampled ranking metrics for CF and popularity baselines, per warm/cold users.
+
+For each evaluated user the positive is the split's target item:
+- AUC: against ``n`` sampled negatives (never in the user's log);
+- HR@k / NDCG@k: over the user's candidate set (the same seeded candidates the sequential
+  task uses: 1 true item + K-1 negatives).
+Ties are resolved in expectation over a random tie-break, so a constant scorer gets
+exactly chance level (AUC 0.5, HR@1 = 1/K) instead of a lucky or unlucky order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ckf_dist.data.protocol import Protocol, sample_negatives
+
+
+def auc_items(proto: Protocol, split: str, n_neg: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Items [n_users, 1 + n] (column 0 = target, -1 = padding) and their validity mask."""
+    items = np.full((proto.n_users, 1 + n_neg), -1, dtype=np.int64)
+    items[:, 0] = proto.targets[split]
+    for x, seq in enumerate(proto.seqs):
+        rng = np.random.default_rng([seed, 11 if split == "valid" else 12, x])
+        neg = sample_negatives(rng, proto.n_items, set(seq.tolist()), n_neg)
+        items[x, 1:1 + len(neg)] = neg
+    return items, items >= 0
+
+
+def candidate_items(proto: Protocol, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate matrix [n_users, K] (-1 padded), validity mask, and the target's column."""
+    cands = proto.candidates[split]
+    width = max(len(c) for c in cands)
+    items = np.full((len(cands), width), -1, dtype=np.int64)
+    for x, c in enumerate(cands):
+        items[x, : len(c)] = c
+    pos = (items == proto.targets[split][:, None]).argmax(axis=1)
+    return items, items >= 0, pos
+
+
+def _greater_equal(scores: np.ndarray, valid: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    target = scores[np.arange(len(scores)), pos][:, None]
+    greater = ((scores > target) & valid).sum(1)
+    ties = ((scores == target) & valid).sum(1) - 1        # other items tied with the target
+    return greater, ties, valid.sum(1) - 1
+
+
+def per_user_auc(scores: np.ndarray, valid: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Per-user AUC of the target against the other valid columns (ties count half)."""
+    g, e, n = _greater_equal(scores, valid, pos)
+    return (n - g - 0.5 * e) / np.maximum(n, 1)
+
+
+def per_user_hr_ndcg(scores: np.ndarray, valid: np.ndarray, pos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Expected HR@k and NDCG@k per user (target rank uniform over its tie group)."""
+    g, e, _ = _greater_equal(scores, valid, pos)
+    width = scores.shape[1] + 1
+    gain = np.where(np.arange(width) < k, 1.0 / np.log2(np.arange(width) + 2.0), 0.0)
+    cum = np.concatenate([[0.0], np.cumsum(gain)])
+    hr = np.clip(k - g, 0, e + 1) / (e + 1)
+    ndcg = (cum[g + e + 1] - cum[g]) / (e + 1)
+    return hr, ndcg
+
+
+def evaluate_scores(score_fn, proto: Protocol, split: str, auc_set, ks: list[int]) -> dict:
+    """Metrics of ``score_fn(users [n], items [n, c]) -> scores`` for all/warm/cold users."""
+    users = np.arange(proto.n_users)
+    a_items, a_valid = auc_set
+    auc = per_user_auc(score_fn(users, np.maximum(a_items, 0)), a_valid, np.zeros(len(users), dtype=np.int64))
+    c_items, c_valid, c_pos = candidate_items(proto, split)
+    c_scores = score_fn(users, np.maximum(c_items, 0))
+    per = {"auc": auc}
+    for k in ks:
+        hr, ndcg = per_user_hr_ndcg(c_scores, c_valid, c_pos, k)
+        if k < c_items.shape[1]:          # HR@K over K candidates is always 1
+            per[f"hr@{k}"] = hr
+        if k > 1:                         # NDCG@1 equals HR@1
+            per[f"ndcg@{k}"] = ndcg
+    out = {}
+    for group, mask in (("all", np.ones(len(users), bool)), ("warm", proto.warm), ("cold", ~proto.warm)):
+        if mask.any():
+            out[group] = {name: round(float(v[mask].mean()), 4) for name, v in per.items()} | {"users": int(mask.sum())}
+    return out
+
+
+def popularity_scores(proto: Protocol):
+    """A scorer ranking items by their number of training interactions."""
+    pop = np.bincount(proto.train_pairs[:, 1], minlength=proto.n_items).astype(np.float64)
+    return lambda users, items: pop[items]
+
+
+def rating_baselines(proto: Protocol) -> dict:
+    """RMSE/MAE of the global-mean and user-mean rating predictors on valid/test targets."""
+    global_mean = float(proto.train_ratings.mean())
+    out = {}
+    for split, pos in (("valid", -2), ("test", -1)):
+        truth = np.array([r[pos] for r in proto.seq_ratings], dtype=np.float64)
+        user_mean = np.array([r[: pos if pos == -2 else -1].mean() for r in proto.seq_ratings])
+        res = {}
+        for name, pred in (("global_mean", np.full_like(truth, global_mean)), ("user_mean", user_mean)):
+            err = pred - truth
+            res[name] = {"rmse": round(float(np.sqrt((err ** 2).mean())), 4), "mae": round(float(np.abs(err).mean()), 4)}
+        out[split] = res
+    return out

@@ -1,0 +1,249 @@
+"""The evaluation protocol: k-core, id remapping, leave-last-out split, cold users, samples.
+
+From one normalized log (:class:`~ckf_dist.data.sources.Interactions`):
+
+1. duplicates (user, item) keep their earliest interaction; k-core filtering repeats until
+   every user and item has >= k interactions; users with < 3 are dropped (no valid/test);
+2. raw ids are remapped to CF ids 0..n-1 (sorted by raw id: no popularity or time pattern);
+3. per user, interactions in chronological order: last = test, second last = valid,
+   the rest = training;
+4. cold users: a seeded ``cold_user_fraction`` of all users plus every user with
+   <= ``cold_max_interactions`` training interactions; they never appear in training
+   (neither in CF training nor in prompt samples), only in valid/test;
+5. each (split, user) gets one task (seeded, ``task_weights``; review only where the target
+   has text); every target gets a seeded candidate set (true item at a uniform random
+   position, negatives never in the user's log);
+6. training samples: each training interaction of a warm user with >= 1 earlier item,
+   one seeded task each. History = at most ``max_history`` items strictly before the target.
+
+All randomness is ``numpy`` generators seeded by (seed, stream, user): the result does not
+depend on processing order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ckf_dist import TASKS
+from ckf_dist.data.config import DataConfig
+from ckf_dist.data.errors import DataError
+from ckf_dist.data.sources.base import Interactions
+
+SPLITS = ("train", "valid", "test")
+_STREAM = {"cold": 1, "valid": 2, "test": 3, "task-valid": 4, "task-test": 5, "train": 6}
+
+
+@dataclass(slots=True)
+class Sample:
+    """One prompt to build: the target interaction, its history and the task's label."""
+
+    split: str
+    task: str
+    user: int
+    item: int
+    history: list[int]
+    history_ratings: list[float]
+    rating: float
+    label: float
+    candidates: list[int]
+    text: str          # the target's summary (else review text); "" when none
+    warm: bool
+
+
+@dataclass
+class Protocol:
+    """The split log: id maps, per-user sequences, CF training pairs, eval targets, samples."""
+
+    n_users: int
+    n_items: int
+    user_raw: list[str]
+    item_raw: list[str]
+    titles: list[str]
+    warm: np.ndarray                    # bool [n_users]
+    seqs: list[np.ndarray]              # per user: CF item ids, chronological
+    seq_ratings: list[np.ndarray]
+    train_pairs: np.ndarray             # int64 [N, 2] (user, item): warm users' training interactions
+    train_ratings: np.ndarray           # float32 [N]
+    targets: dict[str, np.ndarray]      # split -> item id per user (valid: second last, test: last)
+    candidates: dict[str, list[list[int]]]   # split -> per user candidate list (true item included)
+    samples: list[Sample] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+
+def _rng(seed: int, stream: str, user: int) -> np.random.Generator:
+    return np.random.default_rng([seed, _STREAM[stream], user])
+
+
+def kcore(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask of interactions kept by iterative k-core filtering (dense int ids)."""
+    keep = np.ones(len(users), dtype=bool)
+    while True:
+        uc = np.bincount(users[keep], minlength=users.max() + 1)
+        ic = np.bincount(items[keep], minlength=items.max() + 1)
+        new = keep & (uc[users] >= k) & (ic[items] >= k)
+        if new.sum() == keep.sum():
+            return new
+        keep = new
+
+
+def sample_negatives(rng: np.random.Generator, n_items: int, exclude: set[int], n: int) -> list[int]:
+    """``n`` distinct item ids outside ``exclude`` drawn uniformly (fewer if not enough exist)."""
+    n = min(n, n_items - len(exclude))
+    out: list[int] = []
+    seen = set(exclude)
+    while len(out) < n:
+        for j in rng.integers(0, n_items, size=2 * (n - len(out)) + 4).tolist():
+            if j not in seen:
+                seen.add(j)
+                out.append(j)
+                if len(out) == n:
+                    break
+    return out
+
+
+def make_candidates(rng: np.random.Generator, target: int, n_items: int, exclude: set[int], k: int) -> list[int]:
+    """True item at a uniform random position among ``k - 1`` sampled negatives."""
+    cands = sample_negatives(rng, n_items, exclude | {target}, k - 1)
+    cands.insert(int(rng.integers(0, len(cands) + 1)), target)
+    return cands
+
+
+class TaskPicker:
+    """Draws a task from ``task_weights`` given one uniform number; review only when text exists."""
+
+    def __init__(self, weights: dict[str, float]):
+        def table(with_review: bool):
+            names = [t for t in TASKS if weights.get(t, 0.0) > 0 and (t != "review" or with_review)]
+            w = np.cumsum([weights[t] for t in names]) if names else np.zeros(0)
+            return names, (w / w[-1]).tolist() if names else []
+        self.tables = {True: table(True), False: table(False)}
+
+    def __call__(self, uniform: float, has_text: bool) -> str | None:
+        names, cum = self.tables[has_text]
+        for name, c in zip(names, cum):
+            if uniform < c:
+                return name
+        return names[-1] if names else None
+
+
+def _label(task: str, rating: float, cands: list[int], item: int, like: float) -> float:
+    if task == "ctr":
+        return float(rating >= like)
+    if task == "sequential":
+        return float(cands.index(item))
+    return float(rating)
+
+
+def _index(log: Interactions, k: int) -> tuple:
+    """Dedup, k-core and remap: (order of kept records, user ids, item ids, raw maps, stats)."""
+    if len(log) == 0:
+        raise DataError(f"{log.source}: no interactions")
+    u_raw, u = np.unique(np.asarray(log.users, dtype=object).astype(str), return_inverse=True)
+    i_raw, i = np.unique(np.asarray(log.items, dtype=object).astype(str), return_inverse=True)
+    order = np.lexsort((np.arange(len(u)), log.timestamps, u))       # user, time, input order
+    key = u[order].astype(np.int64) * len(i_raw) + i[order]
+    _, first = np.unique(key, return_index=True)                      # earliest per (user, item)
+    order = order[np.sort(first)]
+    keep = kcore(u[order], i[order], k)
+    order = order[keep]
+    if len(order) == 0:
+        raise DataError(f"{log.source}: nothing left after {k}-core filtering of {len(log)} interactions; lower data.kcore")
+    uk, u_new = np.unique(u[order], return_inverse=True)
+    ik, i_new = np.unique(i[order], return_inverse=True)
+    stats = {"raw_interactions": len(log), "after_dedup": int(len(first)), "after_kcore": int(len(order))}
+    return order, u_new, i_new, [str(x) for x in u_raw[uk]], [str(x) for x in i_raw[ik]], stats
+
+
+def build_protocol(log: Interactions, cfg: DataConfig, seed: int) -> Protocol:
+    """Run the whole protocol on a normalized log (see the module docstring)."""
+    order, u, i, user_raw, item_raw, stats = _index(log, cfg.kcore)
+    n_items = len(item_raw)
+    ratings = log.ratings[order]
+    texts = None
+    if log.reviews is not None:
+        texts = [(log.summaries[j] or log.reviews[j]) for j in order.tolist()]
+    bounds = np.flatnonzero(np.diff(u)) + 1
+    starts = np.concatenate([[0], bounds])
+    ends = np.concatenate([bounds, [len(u)]])
+    long_enough = (ends - starts) >= 3
+    stats["dropped_short_users"] = int((~long_enough).sum())
+    starts, ends = starts[long_enough], ends[long_enough]
+    user_raw = [user_raw[int(u[s])] for s in starts]
+    n_users = len(starts)
+    if n_users == 0:
+        raise DataError(f"{log.source}: no user has >= 3 interactions after filtering")
+    seqs = [i[s:e].astype(np.int64) for s, e in zip(starts, ends)]
+    seq_ratings = [ratings[s:e] for s, e in zip(starts, ends)]
+    seq_texts = [texts[s:e] for s, e in zip(starts, ends)] if texts is not None else None
+    item_titles = [log.titles.get(r) or f"item {r}" for r in item_raw]
+
+    n_cold = int(round(cfg.cold_user_fraction * n_users))
+    held_out = np.zeros(n_users, dtype=bool)
+    held_out[np.random.default_rng([seed, _STREAM["cold"]]).permutation(n_users)[:n_cold]] = True
+    few = np.array([len(s) - 2 <= cfg.cold_max_interactions for s in seqs])
+    warm = ~(held_out | few)
+    stats.update(users=n_users, items=n_items, cold_held_out=int(held_out.sum()), cold_few_interactions=int((few & ~held_out).sum()),
+                 warm_users=int(warm.sum()))
+
+    pu = [np.full(len(s) - 2, x, dtype=np.int64) for x, s in enumerate(seqs) if warm[x]]
+    pi = [s[:-2] for x, s in enumerate(seqs) if warm[x]]
+    pr = [r[:-2] for x, r in enumerate(seq_ratings) if warm[x]]
+    if not pu:
+        raise DataError(f"{log.source}: no warm user left for training; lower data.cold_max_interactions or cold_user_fraction")
+    train_pairs = np.stack([np.concatenate(pu), np.concatenate(pi)], axis=1)
+    stats["train_interactions"] = int(len(train_pairs))
+
+    proto = Protocol(n_users, n_items, user_raw, item_raw, item_titles, warm, seqs, seq_ratings, train_pairs,
+                     np.concatenate(pr).astype(np.float32), {}, {})
+    H, K = cfg.max_history, cfg.n_candidates
+    pick = TaskPicker(cfg.task_weights)
+    for split, pos in (("valid", -2), ("test", -1)):
+        proto.targets[split] = np.array([s[pos] for s in seqs], dtype=np.int64)
+        proto.candidates[split] = []
+        for x, s in enumerate(seqs):
+            t = len(s) + pos
+            rng = _rng(seed, split, x)
+            cands = make_candidates(rng, int(s[t]), n_items, set(s.tolist()), K)
+            proto.candidates[split].append(cands)
+            text = seq_texts[x][t] if seq_texts is not None else ""
+            task = pick(float(_rng(seed, "task-" + split, x).random()), bool(text))
+            if task is not None:
+                proto.samples.append(_sample(split, task, x, s, seq_ratings[x], t, H, cands, text, bool(warm[x]), cfg))
+    for x in np.flatnonzero(warm).tolist():
+        s = seqs[x]
+        rng = _rng(seed, "train", x)
+        first = 1 if cfg.train_samples_per_user <= 0 else max(1, len(s) - 2 - cfg.train_samples_per_user)
+        exclude = set(s.tolist())
+        uniforms = rng.random(len(s)).tolist()
+        for t in range(first, len(s) - 2):
+            text = seq_texts[x][t] if seq_texts is not None else ""
+            task = pick(uniforms[t], bool(text))
+            if task is None:
+                continue
+            cands = make_candidates(rng, int(s[t]), n_items, exclude, K) if task == "sequential" else []
+            proto.samples.append(_sample("train", task, x, s, seq_ratings[x], t, H, cands, text, True, cfg))
+    stats["has_text"] = seq_texts is not None and any(any(t) for t in seq_texts)
+    eligible = sum(max(0, len(proto.seqs[x]) - 3) for x in np.flatnonzero(warm).tolist())
+    if eligible and not any(smp.split == "train" for smp in proto.samples):
+        raise DataError(f"{log.source}: no training samples: the tasks with weight > 0 ({cfg.task_weights}) need "
+                        f"{'review text, which this source lacks' if not stats['has_text'] else 'more data'}")
+    proto.stats = stats
+    return proto
+
+
+def _sample(split, task, user, seq, rats, t, H, cands, text, warm, cfg) -> Sample:
+    lo = max(0, t - H)
+    item, rating = int(seq[t]), float(rats[t])
+    return Sample(split, task, user, item, seq[lo:t].tolist(), [float(r) for r in rats[lo:t]], rating,
+                  _label(task, rating, cands, item, cfg.like_threshold), cands if task == "sequential" else [],
+                  text if task == "review" else "", warm)
+
+
+def counts(samples: list[Sample]) -> dict[str, dict[str, int]]:
+    """``{split: {task: n}}`` over all splits and tasks (zeros included)."""
+    out = {s: {t: 0 for t in TASKS} for s in SPLITS}
+    for smp in samples:
+        out[smp.split][smp.task] += 1
+    return out

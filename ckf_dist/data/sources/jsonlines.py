@@ -1,0 +1,145 @@
+"""JSON-lines review dumps: Amazon 2014, Amazon 2018 and the Yelp academic dataset.
+
+- Amazon 2014: ``reviews_<Cat>.json.gz`` (reviewerID, asin, overall, unixReviewTime,
+  reviewText, summary) and ``meta_<Cat>.json.gz`` whose lines are often Python dict
+  literals rather than JSON: parsed with ``ast.literal_eval`` as a fallback (never ``eval``).
+- Amazon 2018: the same review fields, strict JSON lines; ``meta_<Cat>.json.gz`` with titles.
+- Yelp: ``review.json`` (user_id, business_id, stars, date, text) and ``business.json``
+  whose ``name`` becomes the item title.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from datetime import datetime, timezone
+
+from fsspec.core import url_to_fs
+
+from ckf_dist.data.errors import BadRecords, DataError, where
+from ckf_dist.data.sources.base import Interactions, TableBuilder, iter_lines
+
+
+def parse_record(text: str, path: str, lineno: int, bad: BadRecords, literal_fallback: bool) -> dict | None:
+    """One line as a dict (JSON, or a Python literal when allowed), or None after reporting it."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        obj = None
+        if literal_fallback:
+            try:
+                obj = ast.literal_eval(text)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                obj = None
+        if obj is None:
+            bad.bad("malformed_json", f"{where(path, lineno)}: malformed JSON ({exc.msg} at column {exc.colno})")
+            return None
+    if not isinstance(obj, dict):
+        bad.bad("malformed_json", f"{where(path, lineno)}: expected a JSON object, got {type(obj).__name__}")
+        return None
+    return obj
+
+
+def _required(rec: dict, names: tuple[str, ...], path: str, lineno: int, bad: BadRecords) -> bool:
+    for name in names:
+        if rec.get(name) in (None, ""):
+            bad.bad("missing_field", f"{where(path, lineno, name)}: missing")
+            return False
+    return True
+
+
+def _find(path: str, patterns: tuple[str, ...], what: str, exclude: str = "") -> str:
+    """``path`` itself if it is a file, else the single file in the folder matching a pattern."""
+    fs, p = url_to_fs(path)
+    if not fs.exists(p):
+        raise DataError(f"{path}: not found ({what})")
+    if not fs.isdir(p):
+        return path
+    for pattern in patterns:
+        hits = sorted(h for h in fs.glob(f"{p.rstrip('/')}/{pattern}") if not (exclude and h.rsplit("/", 1)[-1].startswith(exclude)))
+        if len(hits) > 1:
+            raise DataError(f"{path}: several {what} files match {pattern!r}: {hits}; pass the file itself")
+        if hits:
+            return _full(fs, hits[0])
+    raise DataError(f"{path}: no {what} file (looked for {', '.join(patterns)})")
+
+
+def _full(fs, p: str) -> str:
+    """A URL fsspec can open again; plain paths stay plain (clearer error messages)."""
+    return p if "file" in fs.protocol else fs.unstrip_protocol(p)
+
+
+def _text(value) -> str:
+    return " ".join(str(value).split()) if value else ""
+
+
+def read_amazon(path: str, meta_path: str, bad: BadRecords, year: int) -> Interactions:
+    """Amazon review dump (``year`` 2014 or 2018) plus its metadata file for titles."""
+    literal = year == 2014
+    reviews = _find(path, ("reviews_*.json.gz", "*.json.gz", "*.json"), "reviews", exclude="meta_")
+    b = TableBuilder(f"amazon{year}", bad, with_text=True)
+    b.files.append(reviews)
+    for lineno, text in iter_lines(reviews, bad):
+        rec = parse_record(text, reviews, lineno, bad, literal)
+        if rec is None or not _required(rec, ("reviewerID", "asin", "overall", "unixReviewTime"), reviews, lineno, bad):
+            continue
+        r = b.rating(rec["overall"], reviews, lineno, "overall")
+        t = b.number(rec["unixReviewTime"], reviews, lineno, "unixReviewTime")
+        if r is not None and t is not None:
+            b.add(rec["reviewerID"], rec["asin"], r, t, _text(rec.get("reviewText")), _text(rec.get("summary")))
+    meta = meta_path or _find_meta(path)
+    if meta:
+        b.files.append(meta)
+        for lineno, text in iter_lines(meta, bad):
+            rec = parse_record(text, meta, lineno, bad, literal)
+            if rec is None or not _required(rec, ("asin",), meta, lineno, bad):
+                continue
+            title = _text(rec.get("title"))
+            if title:
+                b.titles[str(rec["asin"])] = title
+    return b.build()
+
+
+def _find_meta(path: str) -> str:
+    """The ``meta_*`` file beside the reviews (same folder), or "" when there is none."""
+    fs, p = url_to_fs(path)
+    folder = p if fs.isdir(p) else p.rsplit("/", 1)[0]
+    hits = sorted(fs.glob(f"{folder}/meta_*"))
+    return _full(fs, hits[0]) if len(hits) == 1 else ""
+
+
+def _yelp_time(value, path: str, lineno: int, bad: BadRecords) -> float | None:
+    try:
+        dt = datetime.fromisoformat(str(value))
+    except ValueError:
+        bad.bad("bad_date", f"{where(path, lineno, 'date')}: not a date: {value!r}")
+        return None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def read_yelp(path: str, meta_path: str, bad: BadRecords) -> Interactions:
+    """Yelp academic dataset: reviews plus business names as item titles."""
+    reviews = _find(path, ("*review.json", "*review.json.gz"), "Yelp review")
+    b = TableBuilder("yelp", bad, with_text=True)
+    b.files.append(reviews)
+    for lineno, text in iter_lines(reviews, bad):
+        rec = parse_record(text, reviews, lineno, bad, False)
+        if rec is None or not _required(rec, ("user_id", "business_id", "stars", "date"), reviews, lineno, bad):
+            continue
+        r = b.rating(rec["stars"], reviews, lineno, "stars")
+        t = _yelp_time(rec["date"], reviews, lineno, bad)
+        if r is not None and t is not None:
+            b.add(rec["user_id"], rec["business_id"], r, t, _text(rec.get("text")))
+    if not meta_path:
+        fs, p = url_to_fs(reviews)
+        hits = sorted(fs.glob(f"{p.rsplit('/', 1)[0]}/*business.json*"))
+        meta_path = _full(fs, hits[0]) if hits else ""
+    if meta_path:
+        b.files.append(meta_path)
+        for lineno, text in iter_lines(meta_path, bad):
+            rec = parse_record(text, meta_path, lineno, bad, False)
+            if rec is None or not _required(rec, ("business_id",), meta_path, lineno, bad):
+                continue
+            if rec.get("name"):
+                b.titles[str(rec["business_id"])] = _text(rec["name"])
+    return b.build()

@@ -1,0 +1,183 @@
+"""Split protocol: k-core, leave-last-out, cold users, tasks, candidates, and no leakage."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from ckf_dist.data.config import DataConfig
+from ckf_dist.data.errors import BadRecords, DataError
+from ckf_dist.data.protocol import build_protocol, counts, kcore
+from ckf_dist.data.sources import load_interactions
+from ckf_dist.data.sources.base import Interactions
+
+CFG = DataConfig(source="synthetic", synthetic_users=150, synthetic_items=60, synthetic_interactions_per_user=16,
+                 max_history=6, n_candidates=5, cold_user_fraction=0.1, cold_max_interactions=3)
+
+
+@pytest.fixture(scope="module")
+def log():
+    return load_interactions(CFG, seed=5)
+
+
+@pytest.fixture(scope="module")
+def proto(log):
+    return build_protocol(log, CFG, seed=11)
+
+
+def _table(rows, titles=None, text=False):
+    """Interactions from (user, item, rating, ts) tuples."""
+    users, items, ratings, ts = zip(*rows)
+    return Interactions("test", [str(u) for u in users], [str(i) for i in items], np.array(ratings, np.float32),
+                        np.array(ts, np.float64), titles or {}, reviews=["r"] * len(rows) if text else None,
+                        summaries=[""] * len(rows) if text else None, bad=BadRecords())
+
+
+def test_no_leakage_of_the_target(proto):
+    """History = items strictly before the target; the target is never in history; negatives never in the log."""
+    seen_tasks = set()
+    for s in proto.samples:
+        seq = proto.seqs[s.user].tolist()
+        t = seq.index(s.item)
+        assert s.item not in s.history
+        assert len(s.history) <= CFG.max_history
+        assert s.history == seq[max(0, t - len(s.history)):t]            # contiguous, strictly before, oldest first
+        if len(s.history) < CFG.max_history:
+            assert len(s.history) == t                                     # window only cut by max_history
+        if s.split == "valid":
+            assert t == len(seq) - 2
+        elif s.split == "test":
+            assert t == len(seq) - 1
+        else:
+            assert t < len(seq) - 2 and s.warm                             # training never sees valid/test targets
+        if s.task == "sequential":
+            assert s.candidates.count(s.item) == 1 and s.candidates[int(s.label)] == s.item
+            assert len(set(s.candidates)) == len(s.candidates) == CFG.n_candidates
+            assert not (set(s.candidates) - {s.item}) & set(seq)           # negatives never in the user's log
+        else:
+            assert s.candidates == []
+        seen_tasks.add(s.task)
+    assert seen_tasks == {"ctr", "sequential", "rating", "review"}
+
+
+def test_history_is_chronological(log, proto):
+    raw_time = {}
+    for u, i, t in zip(log.users, log.items, log.timestamps):
+        raw_time.setdefault((u, i), t)
+    for s in proto.samples[:300]:
+        u = proto.user_raw[s.user]
+        times = [raw_time[(u, proto.item_raw[i])] for i in s.history + [s.item]]
+        assert times == sorted(times)
+
+
+def test_candidate_order_does_not_reveal_the_answer(proto):
+    """The true item's position and its rank by item id among candidates are both ~uniform (chi-square)."""
+    seq = [s for s in proto.samples if s.task == "sequential"]
+    assert len(seq) > 400
+    k = CFG.n_candidates
+    pos = np.bincount([int(s.label) for s in seq], minlength=k)
+    id_rank = np.bincount([sorted(s.candidates).index(s.item) for s in seq], minlength=k)
+    critical = 18.47                                   # chi-square, 4 degrees of freedom, p = 0.001
+    for observed in (pos, id_rank):
+        expected = len(seq) / k
+        assert ((observed - expected) ** 2 / expected).sum() < critical, observed
+    sorted_lists = sum(s.candidates == sorted(s.candidates) for s in seq)
+    assert sorted_lists < 0.05 * len(seq)
+
+
+def test_leave_last_out_targets(proto):
+    for split, pos in (("valid", -2), ("test", -1)):
+        assert proto.targets[split].tolist() == [int(s[pos]) for s in proto.seqs]
+        users = [s.user for s in proto.samples if s.split == split]
+        assert sorted(users) == list(range(proto.n_users))               # each eval user exactly one task per split
+
+
+def test_cold_users_never_in_training(proto):
+    cold = set(np.flatnonzero(~proto.warm).tolist())
+    assert cold
+    assert not cold & {s.user for s in proto.samples if s.split == "train"}
+    assert not cold & set(proto.train_pairs[:, 0].tolist())
+    # CF training pairs never include a valid or test target
+    eval_pairs = {(u, int(s[-1])) for u, s in enumerate(proto.seqs)} | {(u, int(s[-2])) for u, s in enumerate(proto.seqs)}
+    assert not eval_pairs & set(map(tuple, proto.train_pairs.tolist()))
+    assert proto.stats["cold_held_out"] == round(0.1 * proto.n_users)
+    assert all(not s.warm for s in proto.samples if s.user in cold)
+
+
+def test_users_with_few_interactions_are_cold():
+    rows = [(u, i, 4.0, 10 * u + i) for u in range(6) for i in range(8 if u < 4 else 5)]
+    cfg = dataclasses.replace(CFG, kcore=1, cold_user_fraction=0.0, cold_max_interactions=3)
+    p = build_protocol(_table(rows), cfg, seed=0)
+    assert p.warm.tolist() == [True] * 4 + [False] * 2              # 5 interactions -> 3 training ones -> cold
+    assert p.stats["cold_few_interactions"] == 2
+
+
+def test_kcore_is_iterative():
+    users = np.array([0, 0, 1, 1, 2, 2, 2])
+    items = np.array([0, 1, 0, 1, 0, 1, 2])
+    keep = kcore(users, items, 2)
+    assert keep.tolist() == [True] * 6 + [False]                    # item 2 has one interaction
+    assert kcore(users, items, 3).sum() == 0                        # removing users 0,1 cascades
+
+
+def test_kcore_and_dedup_in_protocol():
+    rows = [(0, 5, 1.0, 9), (0, 5, 5.0, 1)] + [(u, i, 3.0, i) for u in range(4) for i in range(4)]
+    p = build_protocol(_table(rows), dataclasses.replace(CFG, kcore=4, cold_user_fraction=0.0, cold_max_interactions=0), seed=0)
+    assert "5" not in p.item_raw                                    # one user only: dropped by 4-core
+    assert p.stats["after_dedup"] == 17 and p.stats["after_kcore"] == 16
+    assert p.item_raw == sorted(p.item_raw)                         # CF ids follow raw ids, not popularity or time
+
+
+def test_dedup_keeps_earliest_interaction():
+    rows = [(0, 1, 2.0, 50), (0, 1, 5.0, 5), (0, 2, 3.0, 10), (0, 3, 3.0, 20)]
+    p = build_protocol(_table(rows), dataclasses.replace(CFG, kcore=1, cold_user_fraction=0.0, cold_max_interactions=0), 0)
+    assert [p.item_raw[i] for i in p.seqs[0]] == ["1", "2", "3"] and p.seq_ratings[0].tolist() == [5.0, 3.0, 3.0]
+
+
+def test_review_only_with_text_and_zero_weights_respected(log):
+    no_text = dataclasses.replace(log, reviews=None, summaries=None)
+    p = build_protocol(no_text, CFG, seed=1)
+    c = counts(p.samples)
+    assert all(c[s]["review"] == 0 for s in c) and c["train"]["ctr"] > 0
+    cfg = dataclasses.replace(CFG, task_weights={"ctr": 0.0, "sequential": 1.0, "rating": 1.0, "review": 0.0})
+    c = counts(build_protocol(log, cfg, seed=1).samples)
+    assert all(c[s]["ctr"] == 0 and c[s]["review"] == 0 for s in c) and c["test"]["rating"] > 0
+
+
+def test_task_weights_shape_the_mix(log):
+    cfg = dataclasses.replace(CFG, task_weights={"ctr": 3.0, "sequential": 1.0, "rating": 0.0, "review": 0.0})
+    c = counts(build_protocol(log, cfg, seed=1).samples)["train"]
+    assert 2.4 < c["ctr"] / c["sequential"] < 3.6
+
+
+def test_train_samples_per_user_keeps_the_latest(log):
+    cfg = dataclasses.replace(CFG, train_samples_per_user=3)
+    p = build_protocol(log, cfg, seed=1)
+    per_user = np.bincount([s.user for s in p.samples if s.split == "train"], minlength=p.n_users)
+    assert per_user[p.warm].max() == 3 and per_user[~p.warm].max() == 0
+    s = next(s for s in p.samples if s.split == "train")
+    assert p.seqs[s.user].tolist().index(s.item) >= len(p.seqs[s.user]) - 5
+
+
+def test_seeded_and_deterministic(log, proto):
+    again = build_protocol(log, CFG, seed=11)
+    assert again.samples == proto.samples
+    other = build_protocol(log, CFG, seed=12)
+    assert other.samples != proto.samples
+    assert [s.candidates for s in other.samples if s.task == "sequential"] != [s.candidates for s in proto.samples if s.task == "sequential"]
+
+
+def test_nothing_left_is_a_clear_error():
+    rows = [(u, u, 3.0, 1) for u in range(5)]
+    with pytest.raises(DataError, match="nothing left after 5-core"):
+        build_protocol(_table(rows), CFG, seed=0)
+
+
+def test_review_only_without_text_is_a_clear_error(log):
+    no_text = dataclasses.replace(log, reviews=None, summaries=None)
+    cfg = dataclasses.replace(CFG, task_weights={"review": 1.0})
+    with pytest.raises(DataError, match="need review text"):
+        build_protocol(no_text, cfg, seed=1)
+    assert {s.task for s in build_protocol(log, cfg, seed=1).samples} == {"review"}

@@ -14,6 +14,7 @@ class LoraConfig:
     alpha: float = 64.0
     dropout: float = 0.1
     shared_r: int = 0                 # 0: same as r
+    shared_alpha: float = 0.0         # 0: same as alpha (scale = alpha / r for each adapter kind)
     shared_targets: list[str] = field(default_factory=lambda: ["k", "v", "o"])   # roles, see model.backbone
     task_targets: list[str] = field(default_factory=lambda: ["q"])
     fused_kernels: bool = True        # Triton kernels on CUDA when available; torch path elsewhere
@@ -21,6 +22,10 @@ class LoraConfig:
     def validate(self) -> None:
         if self.r < 1:
             raise ValueError(f"r: must be >= 1, got {self.r}")
+        if self.shared_r < 0:
+            raise ValueError(f"shared_r: must be >= 0 (0 = same as r), got {self.shared_r}")
+        if self.alpha <= 0 or self.shared_alpha < 0:
+            raise ValueError(f"alpha: must be > 0 (shared_alpha >= 0), got {self.alpha}, {self.shared_alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
         if not self.shared_targets and not self.task_targets:
@@ -33,8 +38,13 @@ class BridgeConfig:
 
     pooling: Literal["mean", "attention"] = "mean"
     meta_hidden: int = 32
+    meta_activation: Literal["relu", "none"] = "relu"   # between MetaNet's two linear layers
     personalized: bool = True         # False: a shared (non-personalized) user mapping, for ablations
     use_cf_slots: bool = True         # False: text-only CKF (ablation baseline)
+
+    def validate(self) -> None:
+        if self.meta_hidden < 1:
+            raise ValueError(f"meta_hidden: must be >= 1, got {self.meta_hidden}")
 
 
 @dataclass

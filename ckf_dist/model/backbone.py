@@ -1,0 +1,199 @@
+"""Frozen causal-LM backbones: the per-family registry and the loader.
+
+What differs between model families lives in :data:`FAMILIES` (one row per ``model_type``):
+which modules play the attention roles q/k/v/o, whether q/k/v are one fused projection
+(and how its output is laid out), and how to build a tiny random config for tests.
+
+:func:`load_backbone` gives ``(model, tokenizer)`` for the embedded SmolLM2-135M (a GGUF
+file converted once to a cached safetensors folder), any local Hugging Face folder of a
+registered family, or a ``tiny-<family>`` random model. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ckf_dist import resources
+from ckf_dist.model.config import ModelConfig
+
+ROLES = ("q", "k", "v", "o")
+TINY_HIDDEN = 64
+TINY_LAYERS = 2
+SMOLLM2_VOCAB = 49152   # the SmolLM2 tokenizer's vocabulary: tiny backbones share it so shards work
+
+
+def _split_contiguous(config, role: str) -> torch.Tensor:
+    """GPT-2 ``c_attn``: output is [q | k | v], each ``hidden`` wide (``split(hidden, dim=2)``)."""
+    h = config.hidden_size
+    j = "qkv".index(role)
+    return torch.arange(j * h, (j + 1) * h)
+
+
+def _split_per_head(config, role: str) -> torch.Tensor:
+    """GPT-NeoX ``query_key_value``: output viewed as [heads, 3 * head_dim], then chunked into q, k, v."""
+    nh = config.num_attention_heads
+    hd = config.hidden_size // nh
+    j = "qkv".index(role)
+    return torch.cat([torch.arange(h * 3 * hd + j * hd, h * 3 * hd + (j + 1) * hd) for h in range(nh)])
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one model family names its attention projections and how to build a tiny one."""
+
+    roles: dict[str, str]                         # role -> module-name suffix
+    tiny_config: Callable[[], object]             # a small random config (vocab of the SmolLM2 tokenizer)
+    fused_split: Callable[[object, str], torch.Tensor] | None = None   # role -> output indices of a fused qkv
+    conv1d: bool = False                          # weights stored [in, out] (GPT-2 Conv1D; peft fan_in_fan_out)
+
+    def module_for(self, role: str) -> str:
+        """The module-name suffix of ``role``; a target that is no role is taken as a suffix itself."""
+        return self.roles.get(role, role)
+
+    def out_index(self, config, role: str) -> torch.Tensor | None:
+        """Output indices that ``role`` owns in its module (None: the whole output)."""
+        if role in ("q", "k", "v") and self.fused_split is not None:
+            return self.fused_split(config, role)
+        return None
+
+
+def _llama_like(cls_name: str, **extra) -> Callable[[], object]:
+    def build():
+        import transformers
+
+        cls = getattr(transformers, cls_name)
+        return cls(vocab_size=SMOLLM2_VOCAB, hidden_size=TINY_HIDDEN, intermediate_size=2 * TINY_HIDDEN,
+                   num_hidden_layers=TINY_LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                   pad_token_id=2, **extra)
+    return build
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=SMOLLM2_VOCAB, n_embd=TINY_HIDDEN, n_layer=TINY_LAYERS, n_head=4, n_positions=512,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+
+
+def _tiny_gptneox():
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(vocab_size=SMOLLM2_VOCAB, hidden_size=TINY_HIDDEN, intermediate_size=2 * TINY_HIDDEN,
+                         num_hidden_layers=TINY_LAYERS, num_attention_heads=4, max_position_embeddings=512,
+                         attention_dropout=0.0, hidden_dropout=0.0, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2)
+
+
+_LLAMA_ROLES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(_LLAMA_ROLES, _llama_like("LlamaConfig")),
+    "mistral": Family(_LLAMA_ROLES, _llama_like("MistralConfig")),
+    "qwen2": Family(_LLAMA_ROLES, _llama_like("Qwen2Config")),
+    "gpt2": Family({"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj"},
+                   _tiny_gpt2, fused_split=_split_contiguous, conv1d=True),
+    "gpt_neox": Family({"q": "attention.query_key_value", "k": "attention.query_key_value",
+                        "v": "attention.query_key_value", "o": "attention.dense"},
+                       _tiny_gptneox, fused_split=_split_per_head),
+}
+TINY_NAMES = {"tiny-llama": "llama", "tiny-mistral": "mistral", "tiny-qwen2": "qwen2",
+              "tiny-gpt2": "gpt2", "tiny-gptneox": "gpt_neox"}
+
+
+def family_of(model: nn.Module) -> Family:
+    """The registry row of a loaded backbone; an unregistered family is a clear error."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"backbone family {model_type!r} is not registered; supported: {sorted(FAMILIES)} "
+                         "(add a row to ckf_dist.model.backbone.FAMILIES: its q/k/v/o module names)")
+    return FAMILIES[model_type]
+
+
+def tiny_backbone(family: str, seed: int = 0) -> nn.Module:
+    """A small random causal LM of a registered family (hidden 64, 2 layers, SmolLM2 vocabulary)."""
+    from transformers import AutoModelForCausalLM
+
+    if family not in FAMILIES:
+        raise ValueError(f"tiny backbone: unknown family {family!r}; known: {sorted(FAMILIES)}")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(FAMILIES[family].tiny_config())
+    return model.float()
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize the GGUF file once and save it as a plain fp32 safetensors folder (written atomically)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses GGUF-loaded models: rebuild a plain model from the same config.
+    conf = loaded.config.to_dict()
+    conf.pop("quantization_config", None)
+    plain_config = AutoConfig.for_model(**{k: v for k, v in conf.items() if k != "model_type"},
+                                        model_type=conf["model_type"])
+    plain = AutoModelForCausalLM.from_config(plain_config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if k not in ("lm_head.weight",)]   # tied to the embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"{gguf}: GGUF conversion mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)          # atomic: readers see either nothing or a complete folder
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)   # another process won the race; its folder is complete
+        if not (target / "config.json").is_file():
+            raise
+
+
+def smollm2_folder(cache: str = "") -> Path:
+    """The cached safetensors folder of SmolLM2-135M-Instruct, converting the embedded GGUF on first use."""
+    target = resources.cache_dir(cache) / "smollm2-135m-instruct"
+    if not (target / "config.json").is_file():
+        started = time.time()
+        _convert_gguf(resources.smollm2_gguf(), target)
+        print(f"[ckf] converted SmolLM2 GGUF to {target} in {time.time() - started:.0f}s (one time)")
+    return target
+
+
+def load_backbone(cfg: ModelConfig):
+    """Load the frozen backbone and its tokenizer: ``(model, tokenizer)``.
+
+    ``cfg.backbone`` is ``"smollm2"``, a local Hugging Face folder, or ``"tiny-<family>"``.
+    All parameters are frozen and cast to ``cfg.dtype``; gradient checkpointing is switched on
+    later by :func:`ckf_dist.model.ckf.build_ckf_model` (it needs the routing context).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = getattr(torch, cfg.dtype)
+    name = cfg.backbone
+    if name in TINY_NAMES:
+        model = tiny_backbone(TINY_NAMES[name])
+        tokenizer = resources.load_tokenizer("smollm2", cfg.cache_dir)
+    elif name == "smollm2":
+        folder = smollm2_folder(cfg.cache_dir)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        tokenizer = resources.load_tokenizer("smollm2", cfg.cache_dir)
+    else:
+        folder = Path(name)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model.backbone: {name!r} is not 'smollm2', not one of {sorted(TINY_NAMES)}, and not a local "
+                "folder with config.json (models are never downloaded; save one with save_pretrained first)")
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() \
+            else resources.load_tokenizer("smollm2", cfg.cache_dir)
+    family_of(model)                     # refuse unregistered families up front
+    model.to(dtype)
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model, tokenizer

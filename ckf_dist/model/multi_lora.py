@@ -1,0 +1,273 @@
+"""Multi-LoRA layers: one task-shared adapter plus T task adapters on a frozen linear layer.
+
+Every token is routed to its own sample's task adapter inside one mixed-task batch, with
+no Python loop over samples or tasks (DESIGN.md section 1, "Multi-LoRA"):
+
+    delta(x) = s_s * B_s A_s x  +  s_t * B_{t(x)} A_{t(x)} x          s = alpha / r
+
+The math lives in :mod:`ckf_dist.model.lora_ops` (the per-token contract op
+:func:`multi_lora_torch`, re-exported here, and the per-sample batched path); on CUDA the fused
+``ckf_dist.kernels.multi_lora_triton`` takes the contract op's place when available.
+Weights use peft's layout: ``lora_A`` is ``[r, in]``, ``lora_B`` is ``[out, r]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ckf_dist.model.lora_ops import lora_dropout, multi_lora_torch, per_sample_lora
+
+__all__ = ["AdapterSpec", "LoraRouting", "MultiLoraLinear", "inject_multi_lora", "multi_lora_layers",
+           "multi_lora_torch"]
+
+
+class LoraRouting:
+    """Per-forward state shared by all Multi-LoRA layers of one model: task ids and detach mode.
+
+    Set by :class:`~ckf_dist.model.ckf.CKFModel` around each forward. Under activation
+    checkpointing, :meth:`checkpoint_contexts` (the ``context_fn`` of torch.utils.checkpoint)
+    restores the state that was active in the forward when a layer is recomputed in backward.
+    """
+
+    def __init__(self) -> None:
+        self.task_ids: torch.Tensor | None = None    # [B] one id per sample
+        self.detach: bool = False                    # True: adapters act as constants (CF stream)
+
+    @contextlib.contextmanager
+    def active(self, task_ids: torch.Tensor, detach: bool = False):
+        """Route the samples of the next forward: ``task_ids [B]``; ``detach`` freezes the adapters."""
+        saved = (self.task_ids, self.detach)
+        self.task_ids, self.detach = task_ids, detach
+        try:
+            yield self
+        finally:
+            self.task_ids, self.detach = saved
+
+    def checkpoint_contexts(self):
+        """``context_fn`` for non-reentrant checkpointing: recompute under the forward's routing."""
+        return contextlib.nullcontext(), self.active(self.task_ids, self.detach)
+
+    def sample_task_ids(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-sample task ids ``[B]`` for activations ``x [B, ..., in]``."""
+        if self.task_ids is None:
+            raise RuntimeError("Multi-LoRA layer called without task ids: run the model through CKFModel "
+                               "(or inside `with model.routing.active(task_ids):`)")
+        if x.shape[0] != self.task_ids.shape[0]:
+            raise RuntimeError(f"Multi-LoRA: batch of {x.shape[0]} rows but {self.task_ids.shape[0]} task ids")
+        return self.task_ids
+
+    def token_task_ids(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token task ids ``[N]`` for activations ``x [B, ..., in]`` (the sample's id broadcast)."""
+        ids = self.sample_task_ids(x)
+        return ids.view(-1, 1).expand(x.shape[0], math.prod(x.shape[1:-1])).reshape(-1)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter kind on one module: rank, alpha and the output indices it writes (None = all)."""
+
+    r: int
+    alpha: float
+    out_index: torch.Tensor | None = None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+def _triton_op():
+    """The fused CUDA kernel with the same signature, or None when it cannot be imported or run here."""
+    try:
+        kernels = importlib.import_module("ckf_dist.kernels")   # written behind the same contract
+        op = kernels.multi_lora_triton
+    except (ImportError, AttributeError):
+        return None
+    available = getattr(kernels, "triton_available", None)
+    if available is not None and not available():
+        return None
+    return op
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"      # transformers.pytorch_utils.Conv1D: weight [in, out]
+
+
+def io_features(base: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` of a linear projection (``nn.Linear`` or GPT-2 ``Conv1D``); anything else is an error."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if _is_conv1d(base):
+        return base.weight.shape[0], base.weight.shape[1]
+    raise ValueError(f"LoRA targets must be nn.Linear or Conv1D projections, got {type(base).__name__}")
+
+
+def _init_lora_a(a: torch.Tensor) -> None:
+    """peft's init of ``lora_A``: kaiming-uniform with a = sqrt(5), fan_in = ``in``."""
+    for block in a.view(-1, a.shape[-2], a.shape[-1]):
+        nn.init.kaiming_uniform_(block, a=math.sqrt(5))
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen ``nn.Linear`` (or GPT-2 ``Conv1D``) plus a shared and T task LoRA adapters.
+
+    ``lora_shared_A [rs, in]``, ``lora_shared_B [out_s, rs]``, ``lora_task_A [T, rt, in]``,
+    ``lora_task_B [T, out_t, rt]``; ``out_s``/``out_t`` are the slice of a fused qkv output
+    that the adapter owns (the whole output otherwise). B starts at zero, A as in peft.
+    """
+
+    def __init__(self, base: nn.Module, name: str, n_tasks: int, shared: AdapterSpec | None,
+                 task: AdapterSpec | None, dropout: float, routing: LoraRouting, fused_kernels: bool = True):
+        super().__init__()
+        if shared is None and task is None:
+            raise ValueError(f"{name}: a Multi-LoRA layer needs a shared or a task adapter")
+        self.base = base
+        self.name = name                      # module path in the untouched backbone (peft export)
+        self.conv1d = _is_conv1d(base)
+        w = base.weight
+        self.in_features, self.out_features = io_features(base)
+        self.n_tasks = n_tasks
+        self.shared, self.task = shared, task
+        self.dropout = dropout
+        self.routing = routing
+        self.fused_kernels = fused_kernels
+        self.one_op = shared is not None and task is not None and _same_index(shared.out_index, task.out_index)
+        kw = dict(device=w.device, dtype=w.dtype)
+        if shared is not None:
+            self.lora_shared_A = nn.Parameter(torch.empty(shared.r, self.in_features, **kw))
+            self.lora_shared_B = nn.Parameter(torch.zeros(self._width(shared), shared.r, **kw))
+            self.register_buffer("shared_index", shared.out_index, persistent=False)
+        if task is not None:
+            self.lora_task_A = nn.Parameter(torch.empty(n_tasks, task.r, self.in_features, **kw))
+            self.lora_task_B = nn.Parameter(torch.zeros(n_tasks, self._width(task), task.r, **kw))
+            self.register_buffer("task_index", task.out_index, persistent=False)
+        self.reset_adapters()
+
+    def _width(self, spec: AdapterSpec) -> int:
+        return self.out_features if spec.out_index is None else int(spec.out_index.numel())
+
+    def reset_adapters(self) -> None:
+        """A kaiming-uniform (peft), B zeros: the adapted layer starts equal to the base layer."""
+        with torch.no_grad():
+            for kind in ("shared", "task"):
+                if getattr(self, kind) is not None:
+                    _init_lora_a(getattr(self, f"lora_{kind}_A"))
+                    getattr(self, f"lora_{kind}_B").zero_()
+
+    def _weights(self, kind: str):
+        a, b = getattr(self, f"lora_{kind}_A"), getattr(self, f"lora_{kind}_B")
+        return (a.detach(), b.detach()) if self.routing.detach else (a, b)
+
+    def _kernel(self, x: torch.Tensor):
+        """The fused kernel when asked for and usable on this tensor, else None."""
+        return _triton_op() if self.fused_kernels and x.is_cuda else None
+
+    def _groups(self):
+        """(use shared, use task, output index) per adapter op: one op when both write the same outputs."""
+        if self.one_op:
+            return [(True, True, self.task_index)]
+        groups = []
+        if self.shared is not None:
+            groups.append((True, False, self.shared_index))
+        if self.task is not None:
+            groups.append((False, True, self.task_index))
+        return groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        xd, keep_scale = lora_dropout(x, self.dropout, self.training)     # dropout on x before the shrink
+        s_s = self.shared.scale * keep_scale if self.shared is not None else 0.0
+        s_t = self.task.scale * keep_scale if self.task is not None else 0.0
+        kernel = self._kernel(x)
+        per_token = kernel is not None or x.dim() != 3
+        if per_token:   # the contract op on flattened tokens: [N, in] with per-token task ids
+            ids = self.routing.token_task_ids(x)
+            op = kernel or multi_lora_torch
+            xd, y = xd.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
+        else:
+            ids = self.routing.sample_task_ids(x)
+        for use_s, use_t, index in self._groups():
+            a_s, b_s = self._weights("shared") if use_s else (None, None)
+            a_t, b_t = self._weights("task") if use_t else (None, None)
+            if per_token:
+                delta = op(xd, a_s, b_s, a_t, b_t, ids, s_s, s_t)
+                y = y + delta if index is None else y.index_add(-1, index, delta)
+            elif index is None:
+                y = per_sample_lora(xd, a_s, b_s, a_t, b_t, ids, s_s, s_t, base_out=y)
+            else:
+                y = y.index_add(-1, index, per_sample_lora(xd, a_s, b_s, a_t, b_t, ids, s_s, s_t))
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        parts = [f"in={self.in_features}, out={self.out_features}, tasks={self.n_tasks}"]
+        for kind in ("shared", "task"):
+            spec = getattr(self, kind)
+            if spec is not None:
+                part = f"{kind}: r={spec.r} alpha={spec.alpha:g}"
+                parts.append(part + ("" if spec.out_index is None else f" on {spec.out_index.numel()} outputs"))
+        return ", ".join(parts)
+
+
+def _same_index(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def multi_lora_layers(model: nn.Module) -> list[MultiLoraLinear]:
+    """All Multi-LoRA layers of a model, in module order."""
+    return [m for m in model.modules() if isinstance(m, MultiLoraLinear)]
+
+
+def _out_index(family, config, roles: list[str], width: int) -> torch.Tensor | None:
+    """Union of the output indices that ``roles`` own in one module of ``width`` outputs (None: all)."""
+    parts = [family.out_index(config, r) for r in roles]
+    if any(p is None for p in parts):
+        return None
+    index = torch.unique(torch.cat(parts))            # sorted
+    return None if index.numel() == width else index
+
+
+def inject_multi_lora(model: nn.Module, family, lora_cfg, n_tasks: int, routing: LoraRouting) -> list[MultiLoraLinear]:
+    """Replace every targeted projection of ``model`` by a :class:`MultiLoraLinear` (in place).
+
+    Targets are roles of ``family`` (q/k/v/o) or raw module-name suffixes; a role of a fused
+    qkv projection gets only its output slice. Returns the new layers; no target found is an error.
+    """
+    plan: dict[str, dict[str, list[str]]] = {}
+    names = [n for n, _ in model.named_modules()]
+    for kind, targets in (("shared", lora_cfg.shared_targets), ("task", lora_cfg.task_targets)):
+        for role in targets:
+            suffix = family.module_for(role)
+            hits = [n for n in names if n == suffix or n.endswith("." + suffix)]
+            if not hits:
+                raise ValueError(f"model.lora.{kind}_targets: {role!r} (module suffix {suffix!r}) matches no module "
+                                 f"of this {model.config.model_type} backbone; roles are q/k/v/o or module suffixes")
+            for n in hits:
+                plan.setdefault(n, {}).setdefault(kind, []).append(role)
+    rs = lora_cfg.shared_r or lora_cfg.r
+    shared_alpha = lora_cfg.shared_alpha or lora_cfg.alpha
+    layers = []
+    for name, kinds in plan.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        if isinstance(base, MultiLoraLinear):
+            raise RuntimeError(f"{name}: Multi-LoRA already injected")
+        try:
+            width = io_features(base)[1]
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc} (model.lora targets)") from None
+        shared = AdapterSpec(rs, shared_alpha, _out_index(family, model.config, kinds["shared"], width)) \
+            if "shared" in kinds else None
+        task = AdapterSpec(lora_cfg.r, lora_cfg.alpha, _out_index(family, model.config, kinds["task"], width)) \
+            if "task" in kinds else None
+        layer = MultiLoraLinear(base, name, n_tasks, shared, task, lora_cfg.dropout, routing, lora_cfg.fused_kernels)
+        setattr(parent, child, layer)
+        layers.append(layer)
+    return layers

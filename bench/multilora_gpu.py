@@ -1,0 +1,473 @@
+#!/usr/bin/env python3
+"""Fused Multi-LoRA on one GPU: correctness, kernel timings, and one CKF training step.
+
+    python bench/multilora_gpu.py --parts correctness,timing,train --out results.json
+    python bench/multilora_gpu.py --report results.json        # the short table, from the JSON
+    python bench/multilora_gpu.py --cpu-smoke                  # tiny shapes, TRITON_INTERPRET=1, CPU
+
+Parts (each merges its results into --out, so gpu_check.sh runs them as separate processes):
+* correctness: fresh random inputs (no zeros), fp32/fp16/bf16, fused op and torch path vs an
+  fp64 reference, output and all five gradients; every buffer the op allocates is poisoned
+  with NaN; tolerances fp32 1e-5, fp16 2e-3, bf16 1e-2; determinism (bitwise) check.
+* timing: the card's ceilings (a large bf16 matmul, a device copy), then CUDA-event medians
+  (triton do_bench, L2 flushed between runs) at Llama-7B shapes (4096x4096, r=16, T=4,
+  4k-16k tokens): base projection alone vs base + fused / fused(out=) / torch / naive loop,
+  forward and forward+backward; the delta alone with its achieved bandwidth; a small sweep
+  of kernel tilings (each checked against the default before it is timed).
+* train: one CKF step (bf16, fused path, gradient checkpointing, both streams, AdamW) on a
+  randomly initialised Llama-2-7B-shaped backbone: tokens/s, MFU, peak memory; the same step
+  on the torch path for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+SMOKE = "--cpu-smoke" in sys.argv
+if SMOKE:
+    os.environ["TRITON_INTERPRET"] = "1"          # before anything imports triton
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch                                        # noqa: E402
+import torch.nn.functional as F                     # noqa: E402
+
+import ckf_dist.kernels as K                        # noqa: E402
+import ckf_dist.kernels.multi_lora as ml            # noqa: E402
+from ckf_dist.kernels import (KernelConfig, make_routing, multi_lora_naive,  # noqa: E402
+                              multi_lora_reference, multi_lora_triton)
+
+DEV = "cpu" if SMOKE else "cuda"
+OUT: Path | None = None                             # results file, rewritten after every finished row
+
+
+def save(res):
+    if OUT is not None:
+        OUT.write_text(json.dumps(res, indent=1, default=str))
+DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TOL = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1e-2}
+
+
+def torch_path():
+    """The model's torch path when present; else an equivalent (concatenated A, masked rank columns)."""
+    try:
+        from ckf_dist.model.multi_lora import multi_lora_torch
+        return multi_lora_torch, "ckf_dist.model.multi_lora.multi_lora_torch"
+    except Exception:                                # noqa: BLE001 - any import problem: inline copy
+        pass
+
+    def inline(x, a_s, b_s, a_t, b_t, ids, s_s, s_t):
+        t, rt, _ = a_t.shape
+        a = torch.cat([a_s, a_t.reshape(t * rt, -1)])
+        b = torch.cat([b_s, b_t.permute(1, 0, 2).reshape(b_t.shape[1], t * rt)], 1)
+        col = torch.arange(t, device=x.device).repeat_interleave(rt)
+        scale = torch.cat([torch.full((x.shape[0], a_s.shape[0]), s_s, device=x.device, dtype=x.dtype),
+                           (ids[:, None] == col[None]).to(x.dtype) * s_t], 1)
+        return ((x @ a.t()) * scale) @ b.t()
+    return inline, "inline equivalent (ckf_dist.model.multi_lora not importable)"
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_ms(fn, rep_ms=100) -> float:
+    """Median milliseconds: triton do_bench (CUDA events, L2 flushed) on GPU; a wall clock in smoke."""
+    if SMOKE:
+        fn()
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+
+
+def make(n, d_in, d_out, rs, rt, t, dtype, dist="uniform", seed=0, grad=True):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    def r(*shape, s=1.0):
+        v = torch.randn(*shape, generator=g, dtype=torch.float32) * s
+        return v.to(device=DEV, dtype=dtype).requires_grad_(grad)
+    x = r(n, d_in)
+    w = [r(rs, d_in, s=d_in ** -0.5), r(d_out, rs, s=0.5)] if rs else [None, None]
+    w += [r(t, rt, d_in, s=d_in ** -0.5), r(t, d_out, rt, s=0.5)] if rt else [None, None]
+    if dist == "zipf":
+        p = 1.0 / torch.arange(1, t + 1, dtype=torch.float64) ** 2
+        ids = torch.multinomial(p, n, replacement=True, generator=g)
+    elif dist == "one":
+        ids = torch.full((n,), t - 1, dtype=torch.int64)
+    elif dist == "empty":
+        ids = torch.tensor([0, t - 1])[torch.randint(0, 2, (n,), generator=g)]
+    elif dist == "distinct":
+        ids = torch.randperm(t, generator=g)[:n]
+    else:
+        ids = torch.randint(0, t, (n,), generator=g)
+    return x, w, ids.to(DEV)
+
+
+def rel(a, ref) -> float:
+    a = a.detach().double()
+    if not torch.isfinite(a).all():
+        return float("nan")
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def errors(op, x, w, ids, scales, dy, ref, ref_grads, **kw):
+    leaves = [v for v in [x] + w if v is not None]
+    y = op(x, *w, ids, *scales, **kw)
+    grads = torch.autograd.grad(y, leaves, dy.to(y.dtype))
+    return [rel(y, ref)] + [rel(g, r) for g, r in zip(grads, ref_grads)], grads
+
+
+def part_correctness(res):
+    shapes = [(4096, 4096, 4096, 16, 16, 4, "uniform"), (1000, 1000, 3000, 8, 64, 7, "zipf"),
+              (300, 8192, 8192, 16, 16, 4, "one"), (5000, 64, 64, 8, 8, 3, "empty"),
+              (777, 512, 384, 16, 0, 4, "uniform"), (777, 512, 384, 0, 16, 4, "uniform"),
+              (64, 256, 256, 16, 16, 64, "distinct"), (1, 4096, 4096, 16, 16, 4, "uniform")]
+    if SMOKE:                                   # same cases, interpreter-sized
+        shapes = [(min(n, 48), min(i, 40) + 1, min(o, 36) - 1, rs, rt, t, dist)
+                  for n, i, o, rs, rt, t, dist in shapes]
+    tpath, tname = torch_path()
+    ml.POISON_BUFFERS = True
+    rows, ok = [], True
+    for i, shp in enumerate(shapes):
+        for dname in (["fp32", "fp16", "bf16"] if i < 2 else ["bf16"]):
+            x, w, ids = make(*shp[:6], DT[dname], dist=shp[6], seed=100 + i)
+            dy = torch.randn(shp[0], shp[2], device=DEV).to(DT[dname]).double()   # representable in dtype
+            leaves = [v for v in [x] + w if v is not None]
+            ref = multi_lora_reference(x, *w, ids, 2.0, 4.0)
+            ref_grads = torch.autograd.grad(ref, leaves, dy)
+            fe, _ = errors(multi_lora_triton, x, w, ids, (2.0, 4.0), dy, ref, ref_grads)
+            te = errors(tpath, x, w, ids, (2.0, 4.0), dy, ref, ref_grads)[0] if shp[3] and shp[4] else []
+            passed = all(e < TOL[dname] for e in fe)        # NaN fails
+            ok &= passed
+            rows.append(dict(shape=list(shp), dtype=dname, fused=fe, torch=te, passed=passed))
+            res["correctness"] = dict(rows=rows, passed=False, unfinished=True)
+            save(res)
+            print(f"  {str(shp):42s} {dname}  fused max {max(fe):.2e}  torch max "
+                  f"{max(te) if te else float('nan'):.2e}  {'ok' if passed else 'FAIL'}", flush=True)
+    # fused base add, and bitwise determinism of all gradients
+    x, w, ids = make(256 if SMOKE else 2048, 64 if SMOKE else 4096, 64 if SMOKE else 4096, 16, 16, 4,
+                     torch.bfloat16, seed=7)
+    base_w = torch.randn(x.shape[1], x.shape[1], device=DEV).to(x.dtype) * x.shape[1] ** -0.5
+    y = multi_lora_triton(x, *w, ids, 2.0, 4.0, out=F.linear(x, base_w))
+    ref = F.linear(x.double(), base_w.double()) + multi_lora_reference(x, *w, ids, 2.0, 4.0)
+    e_out = rel(y, ref)
+    g1 = torch.autograd.grad(multi_lora_triton(x, *w, ids, 2.0, 4.0).float().square().sum(), [x] + w)
+    g2 = torch.autograd.grad(multi_lora_triton(x, *w, ids, 2.0, 4.0).float().square().sum(), [x] + w)
+    det = all(torch.equal(a, b) for a, b in zip(g1, g2))
+    ok &= e_out < TOL["bf16"] and det
+    print(f"  out= accumulate bf16 rel {e_out:.2e}; gradients bitwise deterministic: {det}", flush=True)
+    ml.POISON_BUFFERS = False
+    res["correctness"] = dict(rows=rows, out_accumulate=e_out, deterministic=det, passed=bool(ok),
+                              torch_path=tname, tolerances=TOL)
+
+
+def ceilings(res):
+    n = 256 if SMOKE else 8192
+    a, b = (torch.randn(n, n, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    t = bench_ms(lambda: a @ b)
+    src = torch.randn((1 << 14 if SMOKE else 1 << 29) // 4, device=DEV)    # 2 GiB fp32 on GPU
+    dst = torch.empty_like(src)
+    tc = bench_ms(lambda: dst.copy_(src))
+    res["ceilings"] = dict(matmul_tflops=2 * n ** 3 / t / 1e9, copy_gbs=2 * src.numel() * 4 / tc / 1e6,
+                           device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)")
+    print(f"  ceilings: bf16 matmul {res['ceilings']['matmul_tflops']:.0f} TFLOP/s, "
+          f"copy {res['ceilings']['copy_gbs']:.0f} GB/s", flush=True)
+    del a, b, src, dst
+
+
+def part_timing(res, tokens):
+    ceilings(res)
+    d, r, t = (64, 8, 4) if SMOKE else (4096, 16, 4)
+    tpath, _ = torch_path()
+    rows = []
+    for n in tokens:
+        x, w, ids = make(n, d, d, r, r, t, torch.bfloat16, seed=n)
+        base_w = (torch.randn(d, d, device=DEV) * d ** -0.5).to(torch.bfloat16)
+        dy = torch.randn(n, d, device=DEV, dtype=torch.bfloat16)
+        routing = make_routing(ids, t)
+        lora = {"fused": lambda: multi_lora_triton(x, *w, ids, 4.0, 4.0),
+                "fused_routing": lambda: multi_lora_triton(x, *w, routing, 4.0, 4.0),
+                "torch": lambda: tpath(x, *w, ids, 4.0, 4.0),
+                "naive": lambda: multi_lora_naive(x, *w, ids, 4.0, 4.0)}
+        layer = {"base": lambda: F.linear(x, base_w),
+                 "fused_out": lambda: multi_lora_triton(x, *w, ids, 4.0, 4.0, out=F.linear(x, base_w))}
+        layer.update({k: (lambda f=f: F.linear(x, base_w) + f()) for k, f in lora.items()})
+        timings = {}
+        for kind, fns in (("layer", layer), ("lora", lora)):
+            for name, f in fns.items():
+                inputs = [x] if name == "base" else [x] + w
+                fb = (lambda f=f, inputs=inputs: torch.autograd.grad(f(), inputs, dy))
+                timings[f"{kind}:{name}"] = (bench_ms(f), bench_ms(fb))
+        flops_base = 2 * n * d * d
+        flops_lora = 2 * n * 2 * r * (d + d)                     # shrink + expand, shared + task
+        bytes_fwd = 2 * (n * d + n * d)                          # x read, y written (bf16)
+        bytes_fb = bytes_fwd + 2 * (n * d + 2 * n * d)           # + dy read, x read, dx written
+        row = dict(tokens=n, timings=timings, flops_base_fwd=flops_base, flops_lora_fwd=flops_lora,
+                   bytes_lora_fwd_min=bytes_fwd, bytes_lora_fb_min=bytes_fb)
+        rows.append(row)
+        res["timing"] = dict(rows=rows, shape=dict(hidden=d, r=r, tasks=t, dtype="bf16"))
+        save(res)
+        print(f"  N={n}: " + ", ".join(f"{k} {v[0]:.3f}/{v[1]:.3f}" for k, v in timings.items()), flush=True)
+    res["sweep"] = sweep(d, r, t, tokens[len(tokens) // 2])
+
+
+def sweep(d, r, t, n):
+    """Time a few tilings of the fused delta (fwd+bwd); each is first checked against the default."""
+    cands = [KernelConfig()] + ([KernelConfig(block_m=16, block_k=16, block_n=16, block_d=16)] if SMOKE else [
+        KernelConfig(block_m=64, block_k=128, block_n=128, num_warps=8),
+        KernelConfig(block_m=128, block_k=64, block_n=64, block_d=64, num_warps=8),
+        KernelConfig(block_m=32, block_k=128, block_n=128, block_d=128, num_stages=4),
+        KernelConfig(block_m=64, block_k=64, block_n=64, split=1),
+        KernelConfig(block_m=16, block_k=128, block_n=128, num_warps=4)])
+    x, w, ids = make(n, d, d, r, r, t, torch.bfloat16, seed=3)
+    dy = torch.randn(n, d, device=DEV, dtype=torch.bfloat16)
+    ref = None
+    out = []
+    for cfg in cands:
+        try:
+            f = (lambda cfg=cfg: multi_lora_triton(x, *w, ids, 4.0, 4.0, config=cfg))
+            got = [f()] + list(torch.autograd.grad(f(), [x] + w, dy))
+            ref = ref or got
+            err = max(rel(a, b.double()) for a, b in zip(got, ref))
+            fb = bench_ms(lambda: torch.autograd.grad(f(), [x] + w, dy)) if err < 1e-2 else float("nan")
+            out.append(dict(config=cfg.__dict__, fwd_bwd_ms=fb, rel_vs_default=err))
+        except Exception as e:                               # noqa: BLE001 - a tiling may not compile
+            out.append(dict(config=cfg.__dict__, error=repr(e)[:300]))
+        print(f"  sweep {out[-1]}", flush=True)
+    return dict(tokens=n, results=out)
+
+
+def build_backbone():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    kw = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=4, vocab_size=1000) if SMOKE else
+          dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000))       # Llama-2-7B
+    cfg = LlamaConfig(max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=2, tie_word_embeddings=False, **kw)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(DEV):
+            model = LlamaForCausalLM(cfg)                    # random init on the GPU, no download
+    finally:
+        torch.set_default_dtype(old)
+    return model.to(torch.bfloat16)
+
+
+def part_train(res, batch_size, prompt_len):
+    """One CKF step through ckf_dist.model (fused kernels) and the same step on the torch path."""
+    from ckf_dist.model import LoraConfig, ModelConfig, build_ckf_model
+    from ckf_dist.model.testing import randomize_adapters, synthetic_batch
+    calls = {"n": 0}
+    real = K.multi_lora_triton
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+    K.multi_lora_triton = counted                            # the model looks it up per call
+    if SMOKE:                                                # the model uses the fused op on CUDA only
+        import ckf_dist.model.multi_lora as mml
+        if hasattr(mml.MultiLoraLinear, "_kernel"):
+            mml.MultiLoraLinear._kernel = lambda self, x: K.multi_lora_triton if self.fused_kernels else None
+    t0 = time.time()
+    backbone = build_backbone()
+    mcfg = ModelConfig(backbone="bench-random-llama", dtype="bfloat16", gradient_checkpointing=True,
+                       lora=LoraConfig(r=16, alpha=64.0, dropout=0.1, fused_kernels=True))
+    g = torch.Generator().manual_seed(0)
+    model = build_ckf_model(mcfg, backbone, torch.randn(1000, 8, generator=g).to(DEV),
+                            torch.randn(2000, 8, generator=g).to(DEV), n_tasks=4)
+    randomize_adapters(model, std=0.01)
+    model.train()
+    build_s = time.time() - t0
+    vocab = backbone.config.vocab_size
+    batch = synthetic_batch([i % 4 for i in range(batch_size)], 1000, 2000, vocab=vocab, prompt_len=prompt_len,
+                            answer_len=16, history_len=10, seed=1)
+    batch = {k: v.to(DEV) for k, v in batch.items()}
+    tokens = int(batch["text_attention_mask"].sum() + batch["cf_attention_mask"].sum())
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, eps=1e-6, weight_decay=1e-3)
+
+    def step():
+        loss, _ = model.loss(batch, step=10, total_steps=100)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    def timed(n):
+        out = []
+        for _ in range(n):
+            sync()
+            t = time.perf_counter()
+            loss = step()
+            sync()
+            out.append(time.perf_counter() - t)
+        return statistics.median(out), float(loss.detach())
+
+    def loss_and_grads(fused):   # LoRA dropout off (train mode kept: checkpointing bounds the memory)
+        drop = {}
+        for layer in model.lora_layers():
+            layer.fused_kernels, drop[layer] = fused, layer.dropout
+            layer.dropout = 0.0
+        loss, _ = model.loss(batch, step=10, total_steps=100)
+        params = model.trainable_parameters()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for layer, p in drop.items():
+            layer.dropout = p
+        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).float().flatten()
+                          for g, p in zip(grads, params)])
+        return float(loss.detach()), flat
+    (lf, gf), (lt, gt) = loss_and_grads(True), loss_and_grads(False)
+    agree = dict(loss_fused=lf, loss_torch=lt, grad_rel_diff=float((gf - gt).norm() / gt.norm().clamp_min(1e-30)))
+    print(f"  fused vs torch path through the model: {agree}", flush=True)
+    for layer in model.lora_layers():
+        layer.fused_kernels = True
+    step()                                                   # warm-up: kernels compile, allocator
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    calls["n"] = 0
+    fused_s, loss = timed(1 if SMOKE else 3)
+    fused_calls = calls["n"] // (1 if SMOKE else 3)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if DEV == "cuda" else float("nan")
+    n_layer_params = sum(p.numel() for n, p in backbone.named_parameters()
+                         if ".layers." in n and ".lora_" not in n and p.dim() == 2)
+    n_lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    flops = tokens * (4 * n_layer_params + 6 * n_lora)
+    layers = model.lora_layers()
+    for layer in layers:
+        layer.fused_kernels = False
+    step()
+    torch_s, _ = timed(1 if SMOKE else 2)
+    peak_ref = res.get("ceilings", {}).get("matmul_tflops")
+    res["train"] = dict(batch=batch_size, prompt_len=prompt_len, tokens_per_step=tokens, build_s=build_s,
+                        step_s=fused_s, tokens_per_s=tokens / fused_s, loss=loss, peak_mem_gib=peak,
+                        fused_calls_per_step=fused_calls, torch_path_step_s=torch_s, fused_vs_torch=agree,
+                        flops_per_step=flops, achieved_tflops=flops / fused_s / 1e12,
+                        mfu_vs_989=flops / fused_s / 989e12, mfu_vs_measured=(flops / fused_s / 1e12 / peak_ref)
+                        if peak_ref else None, layer_params=n_layer_params, lora_params=n_lora)
+    if not fused_calls:
+        res["train"]["warning"] = "the model never called multi_lora_triton: this step timed the torch path"
+    print(f"  train: {res['train']}", flush=True)
+    K.multi_lora_triton = real
+
+
+def report(res):
+    """The short table (gpu_check.sh prints it last)."""
+    lines = []
+    c = res.get("correctness")
+    if c and c.get("unfinished"):
+        lines.append(f"correctness: UNFINISHED after {len(c['rows'])} cases "
+                     f"({sum(r['passed'] for r in c['rows'])} passed)")
+    elif c:
+        worst = {}
+        for row in c["rows"]:
+            worst[row["dtype"]] = max(worst.get(row["dtype"], 0.0), max(row["fused"]))
+        lines.append("correctness: " + ("PASS" if c["passed"] else "FAIL") + "  worst rel err (fused): " +
+                     ", ".join(f"{k} {v:.1e}" for k, v in worst.items()) + f"; out= {c['out_accumulate']:.1e}; "
+                     f"deterministic {c['deterministic']}")
+    ce = res.get("ceilings")
+    if ce:
+        lines.append(f"device {ce['device']}: measured bf16 matmul {ce['matmul_tflops']:.0f} TFLOP/s, "
+                     f"copy {ce['copy_gbs']:.0f} GB/s")
+    tm = res.get("timing")
+    if tm:
+        lines.append("tokens  path            fwd ms  f+b ms  layer/base(f+b)  naive/path(f+b)  delta f+b GB/s(%copy)")
+        for row in tm["rows"]:
+            tt = row["timings"]
+            base_fb = tt["layer:base"][1]
+            for name in ("base", "fused", "fused_out", "fused_routing", "torch", "naive"):
+                f, fb = tt[f"layer:{name}"]
+                bw = ""
+                if f"lora:{name}" in tt:
+                    gbs = row["bytes_lora_fb_min"] / tt[f"lora:{name}"][1] / 1e6
+                    bw = f"{gbs:7.0f} ({100 * gbs / ce['copy_gbs']:.0f}%)" if ce else f"{gbs:.0f}"
+                lines.append(f"{row['tokens']:6d}  {name:14s} {f:7.3f} {fb:7.3f}  {fb / base_fb:15.3f}  "
+                             f"{tt['layer:naive'][1] / fb:15.2f}  {bw}")
+            tf = 2 * row["flops_base_fwd"] / base_fb / 1e9
+            lines.append(f"        base f+b {tf:.0f} TFLOP/s" + (f" ({100 * tf / ce['matmul_tflops']:.0f}% of "
+                                                               "measured matmul)" if ce else ""))
+    sw = res.get("sweep")
+    if sw:
+        good = [r for r in sw["results"] if "fwd_bwd_ms" in r and math.isfinite(r["fwd_bwd_ms"])]
+        if good:
+            best = min(good, key=lambda r: r["fwd_bwd_ms"])
+            lines.append(f"sweep @ {sw['tokens']} tokens: default {good[0]['fwd_bwd_ms']:.3f} ms, best "
+                         f"{best['fwd_bwd_ms']:.3f} ms with {best['config']}")
+    tr = res.get("train")
+    if tr:
+        lines.append(f"CKF step (bf16, fused, grad ckpt, B={tr['batch']}, {tr['tokens_per_step']} tokens): "
+                     f"{tr['step_s']:.2f} s, {tr['tokens_per_s']:.0f} tok/s, MFU {100 * tr['mfu_vs_989']:.1f}% "
+                     f"of 989 TFLOP/s" + (f" / {100 * tr['mfu_vs_measured']:.1f}% of measured"
+                                          if tr.get("mfu_vs_measured") else "") +
+                     f", peak {tr['peak_mem_gib']:.1f} GiB, fused calls/step {tr['fused_calls_per_step']}, "
+                     f"torch path {tr['torch_path_step_s']:.2f} s; fused vs torch: loss "
+                     f"{tr['fused_vs_torch']['loss_fused']:.4f}/{tr['fused_vs_torch']['loss_torch']:.4f}, "
+                     f"grads rel diff {tr['fused_vs_torch']['grad_rel_diff']:.1e}" + (f"  !! {tr['warning']}" if "warning" in tr else ""))
+    for key in ("correctness_error", "timing_error", "train_error"):
+        if key in res:
+            last = [ln for ln in res[key].strip().splitlines() if ln and not ln[0].isspace()]
+            lines.append(f"{key}: {last[-1] if last else res[key][-300:]}")
+    print("\n".join(lines))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="correctness,timing,train")
+    ap.add_argument("--out", default="multilora_gpu.json")
+    ap.add_argument("--report", metavar="JSON", help="print the table of an existing results file and exit")
+    ap.add_argument("--tokens", default="")
+    ap.add_argument("--batch", type=int, default=0)
+    ap.add_argument("--prompt-len", type=int, default=0)
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
+    ap.add_argument("--no-report", action="store_true", help="skip the table at the end (gpu_check.sh)")
+    args = ap.parse_args()
+    if args.report:
+        report(json.loads(Path(args.report).read_text()))
+        return 0
+    if not SMOKE and not torch.cuda.is_available():
+        print("no CUDA device: use --cpu-smoke", file=sys.stderr)
+        return 2
+    global OUT
+    out = OUT = Path(args.out)
+    res = json.loads(out.read_text()) if out.exists() else {}
+    tokens = [int(t) for t in args.tokens.split(",") if t] or ([64, 96] if SMOKE else [4096, 8192, 16384])
+    rc = 0
+    for part in args.parts.split(","):
+        print(f"== {part}", flush=True)
+        try:
+            t0 = time.time()
+            if part == "correctness":
+                part_correctness(res)
+                rc |= 0 if res["correctness"]["passed"] else 1
+            elif part == "timing":
+                part_timing(res, tokens)
+            elif part == "train":
+                part_train(res, args.batch or (4 if SMOKE else 8), args.prompt_len or (12 if SMOKE else 1000))
+            else:
+                raise ValueError(f"unknown part {part!r}")
+            res.pop(f"{part}_error", None)
+            print(f"   ({time.time() - t0:.0f} s)", flush=True)
+        except Exception:                                    # noqa: BLE001 - record, go on with the next part
+            res[f"{part}_error"] = traceback.format_exc()
+            print(res[f"{part}_error"], file=sys.stderr, flush=True)
+            rc |= 1
+        save(res)
+    if not args.no_report:
+        report(res)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

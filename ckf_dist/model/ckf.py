@@ -105,8 +105,13 @@ class CKFModel(nn.Module):
             raise ValueError(f"task_ids: values must be in [0, {self.n_tasks}), got min {lo}, max {hi}")
 
     # ------------------------------------------------------------------ objective
-    def stream_loss(self, batch: dict, stream: str, detach_lora: bool = False):
-        """Mean CE over the answer tokens of one stream; also per-token losses and their task ids."""
+    def stream_loss(self, batch: dict, stream: str, detach_lora: bool = False, denom: float | None = None):
+        """Mean CE over the answer tokens of one stream; also per-token losses and their task ids.
+
+        ``denom`` replaces the local token count as the divisor: a data-parallel trainer passes
+        (tokens of this micro-step on all ranks) / world_size, so that averaging the ranks'
+        gradients gives the mean over every token of the global batch, as one worker would.
+        """
         ids, mask = batch[f"{stream}_input_ids"], batch[f"{stream}_attention_mask"]
         labels = batch[f"{stream}_labels"]
         slots = {k: batch[k] for k in SLOT_KEYS} if stream == "cf" else None
@@ -117,28 +122,34 @@ class CKFModel(nn.Module):
         logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         token_loss = F.cross_entropy(logits, target[answer], reduction="none")
         rows = torch.arange(ids.shape[0], device=ids.device).view(-1, 1).expand_as(target)[answer]
-        loss = token_loss.sum() / max(token_loss.numel(), 1)
+        loss = token_loss.sum() / (denom if denom is not None else max(token_loss.numel(), 1))
         return loss, token_loss.detach(), batch["task_ids"][rows]
 
-    def loss(self, batch: dict, step: int, total_steps: int, mode: str = "two_stream"):
-        """The curriculum loss of eq. (6) and float stats (w, per-stream and per-task losses)."""
+    def loss(self, batch: dict, step: int, total_steps: int, mode: str = "two_stream",
+             denoms: dict[str, float] | None = None):
+        """The curriculum loss of eq. (6) and float stats (w, per-stream and per-task losses).
+
+        ``denoms`` (``{"text": n, "cf": n}``, optional): per-stream divisors, see :meth:`stream_loss`.
+        """
+        denoms = denoms or {}
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         w = curriculum_weight(step, total_steps)
         stats: dict[str, float] = {"w": w}
-        l_text, tok, tid = self.stream_loss(batch, "text")
+        l_text, tok, tid = self.stream_loss(batch, "text", denom=denoms.get("text"))
         self._stream_stats(stats, "text", l_text, tok, tid)
         if self.bridge is None:                      # text-only CKF (ablation): no CF stream
-            stats["loss"] = float(l_text.detach())
+            stats["loss"] = stats["loss_text"]
             return l_text, stats
-        l_cf, tok, tid = self.stream_loss(batch, "cf", detach_lora=(mode == "two_stream"))
+        l_cf, tok, tid = self.stream_loss(batch, "cf", detach_lora=(mode == "two_stream"), denom=denoms.get("cf"))
         self._stream_stats(stats, "cf", l_cf, tok, tid)
         loss = w * l_text + (1.0 - w) * l_cf
-        stats["loss"] = float(loss.detach())
+        stats["loss"] = w * stats["loss_text"] + (1.0 - w) * stats["loss_cf"]
         return loss, stats
 
     def _stream_stats(self, stats: dict, stream: str, loss, token_loss, token_task) -> None:
-        stats[f"loss_{stream}"] = float(loss.detach())
+        # the token mean of this micro-batch, whatever divisor the optimised loss used
+        stats[f"loss_{stream}"] = float(token_loss.double().mean()) if token_loss.numel() else 0.0
         stats[f"tokens_{stream}"] = float(token_loss.numel())
         sums = torch.zeros(self.n_tasks, dtype=torch.float64).index_add_(0, token_task.cpu(),
                                                                         token_loss.double().cpu())

@@ -33,6 +33,33 @@ def _init_ray(cfg: CKFConfig) -> bool:
     return True
 
 
+# Driver-side switches handed to every worker (fault injection, sample log, replay: tests and audits)
+WORKER_ENV = ("CKF_FAULT", "CKF_SAMPLE_LOG", "CKF_REPLAY")
+
+
+def _local(url: str) -> bool:
+    return bool(url) and "://" not in url
+
+
+def absolute_paths(cfg: CKFConfig) -> CKFConfig:
+    """Ray workers run in their own working directory: turn the config's local paths absolute."""
+    import dataclasses
+
+    def fix(url: str) -> str:
+        return os.path.abspath(os.path.expanduser(url)) if _local(url) else url
+
+    backbone = cfg.model.backbone
+    if _local(backbone) and os.path.exists(os.path.expanduser(backbone)):
+        backbone = fix(backbone)
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, output=fix(cfg.data.output)),
+        model=dataclasses.replace(cfg.model, backbone=backbone, cache_dir=fix(cfg.model.cache_dir)),
+        train=dataclasses.replace(cfg.train, storage=fix(cfg.train.storage), log_dir=fix(cfg.train.log_dir)),
+        eval=dataclasses.replace(cfg.eval, output=fix(cfg.eval.output)),
+    )
+
+
 def _check_inputs(cfg: CKFConfig) -> None:
     """Fail before starting workers when the dataset or storage is unusable."""
     fs, path = store.open_store(cfg.data.output)
@@ -57,6 +84,7 @@ def run_train(cfg: CKFConfig, progress: bool = True) -> dict:
 
     from ckf_dist.train.worker import train_loop_per_worker
 
+    cfg = absolute_paths(cfg)
     _check_inputs(cfg)
     tcfg = cfg.train
     started = _init_ray(cfg)
@@ -64,7 +92,7 @@ def run_train(cfg: CKFConfig, progress: bool = True) -> dict:
         pa_fs, storage_path = store.pyarrow_filesystem(tcfg.storage)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": config_to_dict(cfg), "fault": os.environ.get("CKF_FAULT", "")},
+            train_loop_config={"cfg": config_to_dict(cfg), "env": {k: os.environ[k] for k in WORKER_ENV if k in os.environ}},
             scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                          resources_per_worker={"CPU": 1, **({"GPU": 1} if tcfg.use_gpu else {})}),
             torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),

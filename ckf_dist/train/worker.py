@@ -67,6 +67,10 @@ class Worker:
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.uploader = uploader
         self.fault = parse_fault(fault)
+        # CKF_SAMPLE_LOG=DIR: every rank appends the sample ids of each micro-batch (tests, audits)
+        log_dir = os.environ.get("CKF_SAMPLE_LOG", "")
+        self.sample_log = os.path.join(log_dir, f"samples_rank{rank}.jsonl") if log_dir else ""
+        self.replay = os.environ.get("CKF_REPLAY", "")
         self.step = 0
         self.log = MetricsLog(cfg, rank)
 
@@ -75,31 +79,30 @@ class Worker:
         """Data stream, CKF model and DeepSpeed engine, in that order."""
         import deepspeed
 
-        from ckf_dist.data.shards import read_manifest, load_cf_embeddings
-        from ckf_dist.data.stream import ShardStream, check_tokenizer
+        from ckf_dist.data import check_tokenizer, load_cf_tables, read_manifest
+        from ckf_dist.data.stream import ShardStream
         from ckf_dist.model import build_ckf_model, load_backbone
 
         cfg, tcfg = self.cfg, self.cfg.train
-        self.manifest = read_manifest(cfg.data.output)
+        self.manifest, _, _ = read_manifest(cfg.data.output)
         self.stream = ShardStream(cfg.data.output, split="train", rank=self.rank, world_size=self.world,
                                   seed=cfg.seed, shuffle_buffer=tcfg.shuffle_buffer)
         seed_everything(cfg.seed)
         self.ds_config = build_deepspeed_config(tcfg, self.world, cfg.model.dtype)
-        if tcfg.zero_stage == 3:  # partition the frozen backbone as it loads
-            with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
-                backbone, tokenizer = load_backbone(cfg.model)
-        else:
-            backbone, tokenizer = load_backbone(cfg.model)
+        # Every rank loads the frozen backbone; under ZeRO-3 deepspeed.initialize partitions it.
+        backbone, tokenizer = load_backbone(cfg.model)
         check_tokenizer(self.manifest, tokenizer)
-        self.pad_id = self.manifest["tokenizer"]["pad_id"]
-        cf_user, cf_item = load_cf_embeddings(cfg.data.output)
-        model = build_ckf_model(cfg.model, backbone, cf_user, cf_item, n_tasks=4)
+        self.pad_id = int(self.manifest["tokenizer"]["pad_id"])
+        cf = load_cf_tables(cfg.data.output, manifest=self.manifest)
+        model = build_ckf_model(cfg.model, backbone, torch.from_numpy(cf["user"]), torch.from_numpy(cf["item"]),
+                                n_tasks=4)
         self.total_steps = self._total_steps()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=tcfg.lr, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.total_steps, tcfg.warmup_ratio))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                     config=self.ds_config, model_parameters=params)
+        self.device = self.engine.device
 
     def _total_steps(self) -> int:
         t = self.cfg.train
@@ -130,35 +133,92 @@ class Worker:
         """Micro-batches of this rank's rows, epoch after epoch (a partial last batch is dropped)."""
         from ckf_dist.data.collate import collate
 
+        if self.replay:
+            yield from self.replay_batches()
+            return
         mb = self.cfg.train.micro_batch_size
-        while True:
+        while True:          # each pass over the stream is the rest of its current epoch
             rows = []
             for row in self.stream:
                 rows.append(row)
                 if len(rows) == mb:
                     yield collate(rows, self.pad_id)
                     rows = []
-            self.stream.next_epoch()
+
+    def replay_batches(self):
+        """The global micro-batches recorded by ``CKF_SAMPLE_LOG`` (all ranks' rows, rank order), for
+        a one-worker rerun of a multi-worker run (``CKF_REPLAY=DIR``): same data, one process."""
+        from ckf_dist.data.collate import collate
+
+        if self.world != 1:
+            raise TrainError("CKF_REPLAY replays a run's global batches in one worker; set train.num_workers=1")
+        records: dict[tuple[int, int, int], list[int]] = {}
+        for path in sorted(Path(self.replay).glob("samples_rank*.jsonl")):
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)          # a step redone after a restart overwrites the first try
+                records[(rec["step"], rec["micro"], rec["rank"])] = rec["sample_ids"]
+        by_step: dict[tuple[int, int], list[int]] = {}
+        for (step, micro, _rank), ids in sorted(records.items()):
+            by_step.setdefault((step, micro), []).extend(ids)
+        wanted = {i for ids in by_step.values() for i in ids}
+        rows = {}
+        for row in self.stream:
+            if row["sample_id"] in wanted:
+                rows[row["sample_id"]] = row
+        for step in sorted(by_step):
+            yield collate([rows[i] for i in by_step[step]], self.pad_id)
+
+    def global_means(self, acc: dict[str, float]) -> dict[str, float]:
+        """The headline losses averaged over ranks (per-task losses stay this rank's)."""
+        keys = [k for k in ("loss", "loss_text", "loss_cf") if k in acc]
+        if self.world == 1 or not keys:
+            return {}
+        import torch.distributed as dist
+
+        t = torch.tensor([acc[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        return {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
+
+    def token_denominators(self, batch: dict) -> dict[str, float] | None:
+        """Per-stream divisors that make the ranks' averaged gradient a mean over all their tokens."""
+        if self.world == 1:
+            return None
+        import torch.distributed as dist
+
+        counts = torch.tensor([float((batch[f"{s}_labels"][:, 1:] != -100).sum()) for s in ("text", "cf")],
+                              dtype=torch.float64)
+        dist.all_reduce(counts)
+        return {s: max(float(c), 1.0) / self.world for s, c in zip(("text", "cf"), counts.tolist())}
 
     def train(self) -> dict:
         """Run until ``total_steps`` optimizer steps; checkpoint every ``save_every`` and at the end."""
         tcfg = self.cfg.train
         engine = self.engine
-        t0, seen, tokens = time.perf_counter(), 0, 0
+        t0, seen, tokens, micro = time.perf_counter(), 0, 0, 0
         acc: dict[str, float] = {}
         for batch in self.batches():
             if self.step >= self.total_steps:
                 break
-            loss, stats = engine.module.loss(batch, step=self.step, total_steps=self.total_steps, mode=tcfg.mode)
+            if self.sample_log:
+                with open(self.sample_log, "a") as fh:
+                    fh.write(dump_json({"step": self.step, "micro": micro, "rank": self.rank,
+                                        "sample_ids": batch["sample_ids"].tolist()}) + "\n")
+            denoms = self.token_denominators(batch)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            loss, stats = engine.module.loss(batch, step=self.step, total_steps=self.total_steps, mode=tcfg.mode,
+                                             denoms=denoms)
             engine.backward(loss)
-            engine.step()
+            engine.step()          # DeepSpeed applies the update on the last micro-batch of the step
             seen += int(batch["task_ids"].numel())
             tokens += int(batch["text_attention_mask"].sum() + batch["cf_attention_mask"].sum())
             for k, v in stats.items():
                 acc[k] = acc.get(k, 0.0) + float(v) / tcfg.grad_accum
-            if not engine.is_gradient_accumulation_boundary():
+            micro += 1
+            if micro < tcfg.grad_accum:
                 continue
+            micro = 0
             self.step += 1
+            acc.update(self.global_means(acc))
             dt = time.perf_counter() - t0
             self.log.step(self.step, self.total_steps, acc, lr=engine.get_lr()[0],
                           samples_per_s=seen * self.world / dt, tokens_per_s=tokens * self.world / dt)
@@ -231,6 +291,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from ckf_dist.config import config_from_dict
 
+    os.environ.update(config.get("env", {}))
     cfg = config_from_dict(config["cfg"], source="train_loop_config")
     ctx = ray.train.get_context()
 
@@ -238,7 +299,7 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                          checkpoint_dir_name=name)
 
-    run_worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), ray_uploader, config.get("fault", ""))
+    run_worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), ray_uploader, os.environ.get("CKF_FAULT", ""))
 
 
 def local_uploader(cfg: CKFConfig):

@@ -125,3 +125,103 @@ def prepared_dataset(tmp_path_factory) -> PreparedDataset:
     cfg = tiny_config(out)
     manifest = run_prepare(cfg, overwrite=False, progress=False)
     return PreparedDataset(str(out), manifest, cfg)
+
+
+# --------------------------------------------------------------------------- checkpoints (consolidate/evaluate)
+
+
+def make_checkpoint(storage_url: str, dataset, *, run: str = "ckpt-run", step: int = 4, backbone: str = "tiny-llama",
+                    config_backbone: str | None = None, export: bool = True, zero_shards: bool = False,
+                    seed: int = 0):
+    """Commit a checkpoint in the trainer's layout (``checkpoint.store``) for a tiny CKF model.
+
+    The model (``backbone``, on ``dataset``'s CF tables) gets random non-zero adapters; the
+    checkpoint holds ``export/trainable.safetensors`` (fp32) when ``export``, real single-process
+    DeepSpeed ZeRO-2 shards under ``ds/`` when ``zero_shards``, ``config.yaml`` (naming
+    ``config_backbone`` when given), ``metrics.jsonl``, per-rank file lists, manifest, marker.
+    Returns ``(CheckpointRef, model)``.
+    """
+    import json
+    import posixpath
+    import shutil
+    import tempfile
+
+    import torch
+
+    from ckf_dist.checkpoint import store
+    from ckf_dist.config import config_to_dict, dump_config
+    from ckf_dist.data import load_cf_tables
+    from ckf_dist.model import build_ckf_model, load_backbone, save_trainable
+    from ckf_dist.model.testing import randomize_adapters
+
+    cfg = tiny_config(dataset.url)
+    cfg.run_name, cfg.model.backbone, cfg.train.export_dtype = run, backbone, "float32"
+    bb, _ = load_backbone(cfg.model)
+    cf = load_cf_tables(dataset.url)
+    model = build_ckf_model(cfg.model, bb, torch.from_numpy(cf["user"]), torch.from_numpy(cf["item"]), n_tasks=4)
+    randomize_adapters(model, seed=seed, std=0.2)
+    model.eval()
+    stage = Path(tempfile.mkdtemp(prefix="ckf-test-ckpt-"))
+    name = store.step_dir_name(step)
+    try:
+        if zero_shards:
+            _save_zero_shards(model, stage / "ds", name)
+        if export:
+            save_trainable(model, stage / "export" / "trainable.safetensors")
+        if config_backbone:
+            cfg.model.backbone = config_backbone
+        (stage / "config.yaml").write_text(dump_config(cfg))
+        rows = [{"step": s, "loss": 3.0 / s, "loss_text": 2.5 / s, "loss_cf": 3.5 / s, "lr": 1e-4, "w": 1 - s / step}
+                for s in range(1, step + 1)]
+        (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (stage / "state").mkdir()
+        (stage / "state" / "rank_00000.json").write_text(json.dumps({"rank": 0, "step": step}))
+        listing = store.hash_tree(stage)
+        (stage / "files").mkdir()
+        (stage / "files" / "rank_00000.json").write_text(json.dumps(listing))
+        fs, root = store.open_store(storage_url)
+        path = posixpath.join(root, run, name)
+        for p in sorted(stage.rglob("*")):
+            if p.is_file():
+                dst = posixpath.join(path, p.relative_to(stage).as_posix())
+                fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+                fs.put_file(str(p), dst)
+        manifest = json.loads(json.dumps({
+            "step": step, "total_steps": step, "world_size": 1, "run_name": run, "config": config_to_dict(cfg),
+            "dataset": {"url": dataset.url, "tokenizer": dataset.manifest["tokenizer"],
+                        "answer_tokens": dataset.manifest["answer_tokens"]},
+            "zero_stage": 2, "export_dtype": "float32", "versions": {}, "metrics": rows[-1]}))
+        store.commit(fs, path, manifest, 1)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return store.resolve_checkpoint(f"{storage_url.rstrip('/')}/{run}/{name}"), model
+
+
+def _save_zero_shards(model, ds_dir: Path, tag: str) -> None:
+    """Single-process DeepSpeed ZeRO-2 engine over ``model``'s trainable params; ``save_checkpoint`` like the trainer."""
+    import deepspeed
+    import torch
+
+    import torch.distributed as dist
+
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    saved = {k: os.environ.get(k) for k in env}
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    os.environ.update(env)
+    try:
+        deepspeed.init_distributed(dist_backend="gloo")
+        params = [p for p in model.parameters() if p.requires_grad]
+        config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=1e-4),
+                                               config=config, model_parameters=params)
+        engine.save_checkpoint(str(ds_dir), tag=tag, exclude_frozen_parameters=True, save_latest=True)
+        engine.destroy()
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

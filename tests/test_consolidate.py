@@ -1,0 +1,150 @@
+"""``ckf consolidate``: committed checkpoint (local disk, moto S3) -> bridge + peft adapters + metadata."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_checkpoint
+from safetensors.torch import load_file, save_file
+
+from ckf_dist.checkpoint.consolidate import consolidate
+from ckf_dist.checkpoint.store import COMMIT_MARKER, CheckpointError
+
+CHILD = r"""
+import sys
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+
+base_dir, adapters, inputs, out_path = sys.argv[1:5]
+batch = load_file(inputs)
+out = {}
+for task in sys.argv[5:]:
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapters + "/" + task).eval()
+    with torch.no_grad():
+        out[task] = model(input_ids=batch[task + "/ids"], attention_mask=batch[task + "/mask"]).logits.contiguous()
+save_file(out, out_path)
+assert not any(m == "ckf_dist" or m.startswith("ckf_dist.") for m in sys.modules), "child imported ckf_dist"
+"""
+
+
+def _text_batches(dataset, per_task: int = 2) -> dict:
+    """A few test rows per task, collated (text stream is what the peft adapters reproduce)."""
+    from ckf_dist.data.collate import collate
+    from ckf_dist.data.stream import ShardStream
+
+    rows: dict[str, list] = {}
+    for row in ShardStream(dataset.url, "test", shuffle_buffer=1, prefetch=0, drop_remainder=False):
+        if len(rows.setdefault(row["task"], [])) < per_task:
+            rows[row["task"]].append(row)
+    return {t: collate(r, dataset.manifest["tokenizer"]["pad_id"]) for t, r in rows.items()}
+
+
+def test_consolidate_local_adapters_match_in_plain_peft(prepared_dataset, tmp_path):
+    ref, model = make_checkpoint(str(tmp_path / "ckpts"), prepared_dataset)
+    out = consolidate(ref.url, tmp_path / "out", progress=False)
+
+    meta = json.loads((out / "ckf_meta.json").read_text())
+    assert meta["step"] == 4 and meta["backbone"] == "tiny-llama" and meta["source"] == "export"
+    assert meta["tokenizer"]["fingerprint"] == prepared_dataset.manifest["tokenizer"]["fingerprint"]
+    assert meta["tasks"] == ["ctr", "sequential", "rating", "review"] and meta["metrics"]["step"] == 4
+    assert (out / "config.yaml").is_file() and (out / "metrics.jsonl").read_text().count("\n") == 4
+    bridge = load_file(str(out / "bridge.safetensors"))
+    own = {k[len("bridge."):]: v for k, v in model.trainable_state_dict().items() if k.startswith("bridge.")}
+    assert set(bridge) == set(own) and all(torch.equal(bridge[k], own[k]) for k in own)
+    conf = json.loads((out / "adapters" / "ctr" / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == "tiny-llama"
+
+    # plain peft in a process that never imports ckf_dist reproduces the CKF text-stream logits per task
+    from ckf_dist.model import ModelConfig, load_backbone
+
+    fresh, _ = load_backbone(ModelConfig(backbone="tiny-llama"))  # the untouched backbone (tiny ones are seeded)
+    fresh.save_pretrained(tmp_path / "base")
+    batches = _text_batches(prepared_dataset)
+    tensors, expected = {}, {}
+    with torch.no_grad():
+        for task, b in batches.items():
+            tensors[f"{task}/ids"], tensors[f"{task}/mask"] = b["text_input_ids"], b["text_attention_mask"]
+            expected[task] = model(b["text_input_ids"], b["text_attention_mask"], b["task_ids"])
+    save_file(tensors, str(tmp_path / "inputs.safetensors"))
+    (tmp_path / "child.py").write_text(CHILD)
+    proc = subprocess.run([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "base"), str(out / "adapters"),
+                           str(tmp_path / "inputs.safetensors"), str(tmp_path / "got.safetensors"), *batches],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = load_file(str(tmp_path / "got.safetensors"))
+    for task, logits in expected.items():
+        mask = batches[task]["text_attention_mask"].bool()
+        torch.testing.assert_close(got[task][mask], logits[mask], rtol=0, atol=1e-4, msg=task)
+    b = batches["ctr"]                                           # the task adapters differ
+    with torch.no_grad():
+        other = model(b["text_input_ids"], b["text_attention_mask"], torch.full_like(b["task_ids"], 2))
+    assert (other - expected["ctr"]).abs().max() > 1e-3
+
+
+def test_consolidate_from_s3(prepared_dataset, s3_url, tmp_path):
+    ref, model = make_checkpoint(s3_url, prepared_dataset, run="s3run", step=6)
+    assert ref.url.startswith("s3://")
+    out = consolidate(f"{s3_url}/s3run", tmp_path / "out", progress=False)   # a run folder: its latest checkpoint
+    meta = json.loads((out / "ckf_meta.json").read_text())
+    assert meta["step"] == 6 and meta["checkpoint"].startswith("s3://")
+    trainable = load_file(str(out / "trainable.safetensors"))
+    own = model.trainable_state_dict()
+    assert set(trainable) == set(own) and all(torch.equal(trainable[k], own[k]) for k in own)
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == ["ctr", "rating", "review", "sequential"]
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_consolidate_errors(prepared_dataset, tmp_path):
+    ref, _ = make_checkpoint(str(tmp_path / "ckpts"), prepared_dataset)
+    ckpt = tmp_path / "ckpts" / "ckpt-run" / "step_00000004"
+    export = ckpt / "export" / "trainable.safetensors"
+    original = export.read_bytes()
+
+    _flip_byte(export)                                           # corrupt shard: same size, other bytes
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        consolidate(str(ckpt), tmp_path / "o1", progress=False)
+    export.write_bytes(original)
+
+    export.unlink()                                              # missing shard
+    with pytest.raises(CheckpointError, match="missing"):
+        consolidate(str(ckpt), tmp_path / "o2", progress=False)
+    export.write_bytes(original)
+
+    (ckpt / COMMIT_MARKER).unlink()                              # never committed
+    with pytest.raises(CheckpointError, match="COMMITTED"):
+        consolidate(str(ckpt), tmp_path / "o3", progress=False)
+    with pytest.raises(CheckpointError, match="none committed"):
+        consolidate(str(tmp_path / "ckpts" / "ckpt-run"), tmp_path / "o4", progress=False)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
+
+
+def test_consolidate_backbone_mismatch(prepared_dataset, tmp_path):
+    make_checkpoint(str(tmp_path / "ckpts"), prepared_dataset, config_backbone="tiny-gpt2")
+    with pytest.raises(CheckpointError, match="backbone mismatch"):
+        consolidate(str(tmp_path / "ckpts" / "ckpt-run"), tmp_path / "out", progress=False)
+
+
+def test_consolidate_from_zero_shards_without_export(prepared_dataset, tmp_path):
+    """No export/: the ZeRO-2 shards go through DeepSpeed's own zero_to_fp32."""
+    pytest.importorskip("deepspeed")
+    ref, model = make_checkpoint(str(tmp_path / "ckpts"), prepared_dataset, export=False, zero_shards=True)
+    assert not any(f.startswith("export/") for f in ref.manifest["files"])
+    out = consolidate(ref.url, tmp_path / "out", progress=False)
+    assert json.loads((out / "ckf_meta.json").read_text())["source"] == "zero_shards"
+    trainable = load_file(str(out / "trainable.safetensors"))
+    own = model.trainable_state_dict()
+    assert set(trainable) == set(own)
+    for k in own:
+        torch.testing.assert_close(trainable[k], own[k].float(), rtol=0, atol=0, msg=k)

@@ -117,6 +117,7 @@ def test_two_workers_zero2_train_and_commit_to_s3(runs):
     ref = store.resolve_checkpoint(result["checkpoint"])
     store.verify(ref)                                                   # every file listed, sizes match
     assert ref.manifest["world_size"] == 2 and ref.manifest["zero_stage"] == 2
+    assert ref.manifest["backbone_partitioned_at_load"] is False
     steps = {r["step"] for r in sample_records(log)}
     assert steps == {0, 1, 2, 3}
     metrics = [json.loads(line) for line in
@@ -181,7 +182,7 @@ def test_zero3_two_workers_export_is_full_shaped(ray_local, prepared_dataset, tm
     cfg = train_cfg(prepared_dataset.url, bucket, "z3", zero_stage=3, max_steps=2)
     result, _ = run(cfg, monkeypatch, tmp_path)
     ref = store.resolve_checkpoint(result["checkpoint"])
-    assert ref.manifest["zero_stage"] == 3
+    assert ref.manifest["zero_stage"] == 3 and ref.manifest["backbone_partitioned_at_load"] is True
     exported = export_of(ref)
     backbone, _ = load_backbone(cfg.model)
     cf = load_cf_tables(prepared_dataset.url)

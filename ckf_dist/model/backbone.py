@@ -165,8 +165,14 @@ def smollm2_folder(cache: str = "") -> Path:
     return target
 
 
-def load_backbone(cfg: ModelConfig):
+def load_backbone(cfg: ModelConfig, zero3_config: dict | None = None):
     """Load the frozen backbone and its tokenizer: ``(model, tokenizer)``.
+
+    With ``zero3_config`` (a DeepSpeed ZeRO-3 config dict) every parameter is partitioned across
+    the ranks *as it is created or loaded* (transformers' DeepSpeed integration wraps the
+    construction in ``deepspeed.zero.Init``), so no rank ever holds the whole backbone: the
+    path for backbones larger than one GPU. The weights are created in ``cfg.dtype`` directly
+    (a partitioned parameter cannot be cast afterwards).
 
     ``cfg.backbone`` is ``"smollm2"``, a local Hugging Face folder, or ``"tiny-<family>"``.
     All parameters are frozen and cast to ``cfg.dtype``; gradient checkpointing is switched on
@@ -176,6 +182,8 @@ def load_backbone(cfg: ModelConfig):
 
     dtype = getattr(torch, cfg.dtype)
     name = cfg.backbone
+    if zero3_config is not None:
+        return _load_partitioned(cfg, dtype, zero3_config)
     if name in TINY_NAMES:
         model = tiny_backbone(TINY_NAMES[name])
         tokenizer = resources.load_tokenizer("smollm2", cfg.cache_dir)
@@ -196,4 +204,32 @@ def load_backbone(cfg: ModelConfig):
     model.to(dtype)
     model.requires_grad_(False)
     model.config.use_cache = False
+    return model, tokenizer
+
+
+def _load_partitioned(cfg: ModelConfig, dtype: torch.dtype, zero3_config: dict):
+    """``load_backbone`` under ZeRO-3: parameters partitioned at creation (see its docstring)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations import HfDeepSpeedConfig
+
+    if zero3_config.get("zero_optimization", {}).get("stage") != 3:
+        raise ValueError("load_backbone: zero3_config must be a DeepSpeed config with zero_optimization.stage = 3")
+    hf_ds = HfDeepSpeedConfig(zero3_config)      # transformers partitions while this object lives
+    name = cfg.backbone
+    if name in TINY_NAMES:
+        family = TINY_NAMES[name]
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(FAMILIES[family].tiny_config(), dtype=dtype)
+        tokenizer = resources.load_tokenizer("smollm2", cfg.cache_dir)
+    else:
+        folder = smollm2_folder(cfg.cache_dir) if name == "smollm2" else Path(name)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"model.backbone: {name!r} is not a local folder with config.json")
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() \
+            else resources.load_tokenizer("smollm2", cfg.cache_dir)
+    family_of(model)
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    model._ckf_hf_ds_config = hf_ds               # keep the integration on for this model's lifetime
     return model, tokenizer

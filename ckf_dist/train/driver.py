@@ -23,18 +23,33 @@ def _init_ray(cfg: CKFConfig) -> bool:
         return False
     tcfg = cfg.train
     env = {k: os.environ[k] for k in tcfg.forward_env if k in os.environ}
+    env.update(QUIET_WORKERS)
     if tcfg.address:
-        ray.init(address=tcfg.address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+        ray.init(address=tcfg.address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
         # One logical CPU per worker plus headroom: Ray tasks beside the workers must never
         # wait on a CPU the workers hold (STACK.md: the 1/0 CPU deadlock).
-        ray.init(num_cpus=max(4, tcfg.num_workers + 2), include_dashboard=False,
-                 dashboard_host="127.0.0.1", log_to_driver=True)
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls
+        # (without it, it warns every few seconds); loopback only.
+        ray.init(num_cpus=max(4, tcfg.num_workers + 2), include_dashboard=True,
+                 dashboard_host="127.0.0.1", dashboard_port=_free_port(), log_to_driver=True, runtime_env={"env_vars": QUIET_WORKERS})
     return True
 
 
+# Ray Train re-routes print() of workers through its logger, which doubles every progress
+# line on the driver; our workers print plain lines.
+QUIET_WORKERS = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
 # Driver-side switches handed to every worker (fault injection, sample log, replay: tests and audits)
 WORKER_ENV = ("CKF_FAULT", "CKF_SAMPLE_LOG", "CKF_REPLAY")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _local(url: str) -> bool:

@@ -84,14 +84,19 @@ class Worker:
         from ckf_dist.model import build_ckf_model, load_backbone
 
         cfg, tcfg = self.cfg, self.cfg.train
+        # DeepSpeed's comm layer joins the process group Ray Train set up (zero.Init needs it early)
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() and tcfg.use_gpu else "gloo")
         self.manifest, _, _ = read_manifest(cfg.data.output)
         self.stream = ShardStream(cfg.data.output, split="train", rank=self.rank, world_size=self.world,
                                   seed=cfg.seed, shuffle_buffer=tcfg.shuffle_buffer)
         seed_everything(cfg.seed)
         self.ds_config = build_deepspeed_config(tcfg, self.world, cfg.model.dtype)
-        # Every rank loads the frozen backbone; under ZeRO-3 deepspeed.initialize partitions it.
-        backbone, tokenizer = load_backbone(cfg.model)
+        # ZeRO-3: the frozen backbone is partitioned as it loads (no rank holds all of it);
+        # otherwise every rank holds a full frozen copy.
+        backbone, tokenizer = load_backbone(cfg.model, zero3_config=self.ds_config if tcfg.zero_stage == 3 else None)
         check_tokenizer(self.manifest, tokenizer)
+        # recorded in the manifest: the backbone was partitioned before any rank held all of it
+        self.partitioned_at_load = any(hasattr(p, "ds_id") for p in backbone.parameters())
         self.pad_id = int(self.manifest["tokenizer"]["pad_id"])
         cf = load_cf_tables(cfg.data.output, manifest=self.manifest)
         model = build_ckf_model(cfg.model, backbone, torch.from_numpy(cf["user"]), torch.from_numpy(cf["item"]),
@@ -250,7 +255,8 @@ class Worker:
                 "run_name": self.cfg.run_name, "config": config_to_dict(self.cfg),
                 "dataset": {"url": self.cfg.data.output, "tokenizer": self.manifest["tokenizer"],
                             "answer_tokens": self.manifest.get("answer_tokens", {})},
-                "zero_stage": self.engine.zero_optimization_stage(), "export_dtype": self.cfg.train.export_dtype,
+                "zero_stage": self.engine.zero_optimization_stage(),
+                "backbone_partitioned_at_load": self.partitioned_at_load, "export_dtype": self.cfg.train.export_dtype,
                 "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
                              "transformers": transformers.__version__},
                 "metrics": self.log.last,
@@ -291,7 +297,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     from ckf_dist.config import config_from_dict
 
+    import logging
+
     os.environ.update(config.get("env", {}))
+    # Ray Train logs every report's metrics dict at INFO (module-path loggers under the root)
+    logging.getLogger().setLevel(logging.WARNING)
     cfg = config_from_dict(config["cfg"], source="train_loop_config")
     ctx = ray.train.get_context()
 

@@ -1,0 +1,172 @@
+"""Benchmark: the CKF training step and checkpoint save, each against its limit, in one run.
+
+1. Step: one real CKF optimizer step (a DeepSpeed ZeRO engine on one rank: text stream +
+   CF stream through the Multi-LoRA backbone, curriculum loss, backward, AdamW) vs the
+   frozen backbone's forward + backward alone on the same tokens (the same two token
+   batches through a fresh copy of the backbone without adapters or bridge, loss on the
+   same answer tokens, gradients flowing to the input embeddings as they must for the
+   adapters of every layer). The ratio is of time per token (same tokens on both sides).
+2. Save: ``Worker.save`` (ZeRO shards + gathered 16-bit export + manifest with sha256 of
+   every file + commit marker, through the real store) vs a raw fsspec upload of the same
+   bytes to the same storage (a copy of the staged folder, ``fs.put`` recursive).
+
+Rounds are interleaved (A, B, A, B, ...) and the ratio uses the per-side median.
+
+    python bench/train_step.py [--config configs/tiny-cpu.yaml] [--set KEY=VALUE ...] [--steps 8]
+
+The dataset named by the config is prepared first if it is missing. Writes
+bench/results/train_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def backbone_step(backbone, batch: dict) -> None:
+    """Frozen backbone forward + backward on both streams' tokens (the limit)."""
+    for stream in ("text", "cf"):
+        ids, mask, labels = (batch[f"{stream}_input_ids"], batch[f"{stream}_attention_mask"],
+                             batch[f"{stream}_labels"])
+        emb = backbone.get_input_embeddings()(ids).detach().requires_grad_(True)
+        hidden = backbone.model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+        target = labels[:, 1:]
+        answer = target != -100
+        logits = backbone.lm_head(hidden[:, :-1][answer]).float()
+        F.cross_entropy(logits, target[answer]).backward()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=str(REPO / "configs" / "tiny-cpu.yaml"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--steps", type=int, default=8, help="timed rounds of each side (after one warm-up)")
+    ap.add_argument("--saves", type=int, default=4, help="timed save rounds")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "train_step.json"))
+    args = ap.parse_args()
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    import deepspeed
+
+    from ckf_dist.checkpoint import store
+    from ckf_dist.config import load_config
+    from ckf_dist.data.errors import DataError
+    from ckf_dist.data.prepare import run_prepare
+    from ckf_dist.data.shards import read_manifest
+    from ckf_dist.model import load_backbone
+    from ckf_dist.train.worker import Worker
+
+    work = Path(tempfile.mkdtemp(prefix="ckf-bench-step-"))
+    cfg = load_config(args.config, [*args.overrides, "train.num_workers=1", f"train.storage={work / 'ckpt'}",
+                                    f"train.log_dir={work / 'logs'}", "run_name=bench", "train.max_steps=100000"])
+    try:
+        read_manifest(cfg.data.output)
+    except DataError:
+        run_prepare(cfg, overwrite=False, progress=False)
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    timing: dict[str, float] = {}
+    fs, root = store.open_store(cfg.train.storage)
+    raw_dest = f"{root}/raw-upload"
+
+    def uploader(folder: Path, name: str, metrics: dict) -> None:
+        t = time.perf_counter()
+        dest = f"{root}/{cfg.run_name}/{name}"
+        fs.makedirs(dest, exist_ok=True)
+        fs.put(str(folder) + "/", dest, recursive=True)
+        timing["upload"] = time.perf_counter() - t
+        keep = work / "staged"
+        shutil.rmtree(keep, ignore_errors=True)
+        shutil.copytree(folder, keep)                     # the same bytes, for the raw upload
+
+    worker = Worker(cfg, 0, 1, uploader)
+    worker.build()
+    engine = worker.engine
+    baseline, _ = load_backbone(cfg.model)
+    if cfg.model.gradient_checkpointing:
+        baseline.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    baseline.train()
+    engine.train()
+    batches = worker.batches()
+
+    def ckf_step(batch: dict) -> None:
+        loss, _ = engine.module.loss(batch, step=worker.step, total_steps=worker.total_steps, mode=cfg.train.mode)
+        engine.backward(loss)
+        engine.step()
+
+    tokens = lambda b: int((b["text_attention_mask"].sum() + b["cf_attention_mask"].sum()))  # noqa: E731
+    ckf_t, base_t, n_tok = [], [], []
+    for r in range(args.steps + 1):
+        batch = next(batches)
+        t = time.perf_counter()
+        ckf_step(batch)
+        a = time.perf_counter() - t
+        t = time.perf_counter()
+        backbone_step(baseline, batch)
+        b = time.perf_counter() - t
+        baseline.zero_grad(set_to_none=True)
+        if r:                                               # round 0 warms up
+            ckf_t.append(a / tokens(batch))
+            base_t.append(b / tokens(batch))
+            n_tok.append(tokens(batch))
+        print(f"  step round {r}: ckf {a * 1e3:.0f} ms, backbone-only {b * 1e3:.0f} ms, {tokens(batch)} tokens", flush=True)
+
+    save_t, raw_t, sizes = [], [], []
+    for r in range(args.saves + 1):
+        worker.step += 1
+        t = time.perf_counter()
+        worker.save()
+        a = time.perf_counter() - t
+        staged = work / "staged"
+        size = sum(p.stat().st_size for p in staged.rglob("*") if p.is_file())
+        fs.rm(raw_dest, recursive=True) if fs.exists(raw_dest) else None
+        t = time.perf_counter()
+        fs.makedirs(raw_dest, exist_ok=True)
+        fs.put(str(staged) + "/", raw_dest, recursive=True)
+        b = time.perf_counter() - t
+        if r:
+            save_t.append(a)
+            raw_t.append(b)
+            sizes.append(size)
+        print(f"  save round {r}: save {a * 1e3:.0f} ms, raw upload {b * 1e3:.0f} ms, {size / 2**20:.2f} MiB", flush=True)
+
+    med = statistics.median
+    result = {
+        "config": args.config, "overrides": args.overrides, "backbone": cfg.model.backbone,
+        "zero_stage": cfg.train.zero_stage, "micro_batch_size": cfg.train.micro_batch_size,
+        "storage": cfg.train.storage, "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "step_ms_per_1k_tokens": {"ckf": med(ckf_t) * 1e6, "backbone_only": med(base_t) * 1e6},
+        "step_ratio": med(ckf_t) / med(base_t), "tokens_per_step": med(n_tok),
+        "save_ms": {"save": med(save_t) * 1e3, "raw_upload": med(raw_t) * 1e3}, "save_bytes": med(sizes),
+        "save_ratio": med(save_t) / med(raw_t),
+        "targets": {"step_ratio": 1.15, "save_ratio": 1.5},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nbackbone {cfg.model.backbone}, ZeRO-{cfg.train.zero_stage}, {result['tokens_per_step']:.0f} tokens/step, "
+          f"{result['threads']} threads")
+    print(f"{'':14}{'ckf':>12}{'limit':>12}{'ratio':>8}{'target':>8}")
+    print(f"{'step ms/1k tok':14}{med(ckf_t) * 1e6:12.1f}{med(base_t) * 1e6:12.1f}{result['step_ratio']:8.2f}{1.15:8.2f}")
+    print(f"{'save ms':14}{med(save_t) * 1e3:12.1f}{med(raw_t) * 1e3:12.1f}{result['save_ratio']:8.2f}{1.5:8.2f}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

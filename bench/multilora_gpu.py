@@ -2,6 +2,7 @@
 """Fused Multi-LoRA on one GPU: correctness, kernel timings, and one CKF training step.
 
     python bench/multilora_gpu.py --parts correctness,timing,train --out results.json
+    python bench/multilora_gpu.py --parts bisect --out bisect.json   # the fp16 fault case, per variant
     python bench/multilora_gpu.py --report results.json        # the short table, from the JSON
     python bench/multilora_gpu.py --cpu-smoke                  # tiny shapes, TRITON_INTERPRET=1, CPU
 
@@ -14,6 +15,10 @@ Parts (each merges its results into --out, so gpu_check.sh runs them as separate
   4k-16k tokens): base projection alone vs base + fused / fused(out=) / torch / naive loop,
   forward and forward+backward; the delta alone with its achieved bandwidth; a small sweep
   of kernel tilings (each checked against the default before it is timed).
+* bisect: the case that faulted in fp16 on the H200 (rs 8 / rt 64), one process per config
+  variant (default equal rank padding, own paddings 16/64, the latter with
+  CUDA_LAUNCH_BLOCKING=1 to name the faulting launch, and with block_d 32 so that dW runs on
+  mma.sync instead of wgmma): which settings fault, and where.
 * train: one CKF step (bf16, fused path, gradient checkpointing, both streams, AdamW) on a
   randomly initialised Llama-2-7B-shaped backbone: tokens/s, MFU, peak memory; the same step
   on the torch path for comparison.
@@ -173,6 +178,65 @@ def part_correctness(res):
                               torch_path=tname, tolerances=TOL)
 
 
+FAULT_CASE = (1000, 1000, 3000, 8, 64, 7, "zipf")     # faulted in fp16 on the H200 (run 3), fp32 passed
+BISECT = [  # (name, dtype, KernelConfig kwargs, extra env): one fresh process each (a fault poisons the context)
+    ("default", "fp16", {}, {}),
+    ("default", "bf16", {}, {}),
+    ("own-pad", "fp16", {"equal_rank_pad": False}, {}),
+    ("own-pad-blocking", "fp16", {"equal_rank_pad": False}, {"CUDA_LAUNCH_BLOCKING": "1"}),
+    ("own-pad-dw-mma2", "fp16", {"equal_rank_pad": False, "block_d": 32}, {}),
+    ("own-pad", "fp32", {"equal_rank_pad": False}, {}),
+]
+
+
+def fault_case_child(dname: str, cfg_json: str) -> int:
+    """One run of FAULT_CASE (forward + backward, buffers poisoned, synchronised); prints one JSON line."""
+    cfg = KernelConfig(**json.loads(cfg_json))
+    ml.POISON_BUFFERS = True
+    case = (48, 41, 35) + FAULT_CASE[3:] if SMOKE else FAULT_CASE
+    x, w, ids = make(*case[:6], DT[dname], dist=case[6], seed=101)
+    dy = torch.randn(case[0], case[2], device=DEV).to(DT[dname]).double()
+    leaves = [v for v in [x] + w if v is not None]
+    ref = multi_lora_reference(x, *w, ids, 2.0, 4.0)
+    ref_grads = torch.autograd.grad(ref, leaves, dy)
+    sync()
+    out = dict(dtype=dname, config=json.loads(cfg_json))
+    try:
+        fe, _ = errors(multi_lora_triton, x, w, ids, (2.0, 4.0), dy, ref, ref_grads, config=cfg)
+        sync()
+        out.update(ok=all(e < TOL[dname] for e in fe), errors=fe)
+    except Exception as e:                             # noqa: BLE001 - report, the parent goes on
+        tb = traceback.format_exc()
+        out.update(ok=False, error=f"{type(e).__name__}: {e}",
+                   where=[ln.strip() for ln in tb.splitlines() if "multi_lora.py" in ln][-2:])
+    print("FAULT_CASE " + json.dumps(out, default=str), flush=True)
+    return 0 if out["ok"] else 1
+
+
+def part_bisect(res):
+    """FAULT_CASE under config variants, each in its own process: which settings fault, and
+    (CUDA_LAUNCH_BLOCKING=1) in which launch."""
+    import subprocess
+    rows = []
+    for name, dname, kw, env in BISECT:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--fault-case", dname, "--fault-cfg", json.dumps(kw)] \
+            + (["--cpu-smoke"] if SMOKE else [])
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, **env})
+            line = [ln for ln in p.stdout.splitlines() if ln.startswith("FAULT_CASE ")]
+            row = json.loads(line[-1][11:]) if line else dict(ok=False, error=f"rc {p.returncode}: "
+                                                               + (p.stderr.strip().splitlines() or ["?"])[-1])
+        except subprocess.TimeoutExpired:
+            row = dict(ok=False, error="timeout 240 s")
+        row["variant"] = name
+        rows.append(row)
+        res["bisect"] = dict(case=list(FAULT_CASE), rows=rows)
+        save(res)
+        print(f"  {name:18s} {dname}  {'ok' if row['ok'] else 'FAIL'}  "
+              f"{max(row['errors']) if row.get('errors') else ''} {row.get('error', '')} {row.get('where', '')}",
+              flush=True)
+
+
 def ceilings(res):
     n = 256 if SMOKE else 8192
     a, b = (torch.randn(n, n, device=DEV, dtype=torch.bfloat16) for _ in range(2))
@@ -225,12 +289,14 @@ def part_timing(res, tokens):
 
 def sweep(d, r, t, n):
     """Time a few tilings of the fused delta (fwd+bwd); each is first checked against the default."""
-    cands = [KernelConfig()] + ([KernelConfig(block_m=16, block_k=16, block_n=16, block_d=16)] if SMOKE else [
-        KernelConfig(block_m=64, block_k=128, block_n=128, num_warps=8),
-        KernelConfig(block_m=128, block_k=64, block_n=64, block_d=64, num_warps=8),
-        KernelConfig(block_m=32, block_k=128, block_n=128, block_d=128, num_stages=4),
-        KernelConfig(block_m=64, block_k=64, block_n=64, split=1),
-        KernelConfig(block_m=16, block_k=128, block_n=128, num_warps=4)])
+    cands = [KernelConfig()] + ([KernelConfig(block_m=16, block_k=16, block_n=16, block_d=16, block_dm=16)]
+                                if SMOKE else [
+        KernelConfig(block_m=16, block_k=64, block_n=64),
+        KernelConfig(block_m=32, block_k=128, block_n=64),
+        KernelConfig(block_m=64, block_k=64, block_n=64, num_warps=8),
+        KernelConfig(block_m=16, block_k=256, block_n=128, num_stages=4),
+        KernelConfig(block_d=128, block_dm=32),
+        KernelConfig(block_d=32, block_dm=128)])
     x, w, ids = make(n, d, d, r, r, t, torch.bfloat16, seed=3)
     dy = torch.randn(n, d, device=DEV, dtype=torch.bfloat16)
     ref = None
@@ -316,21 +382,39 @@ def part_train(res, batch_size, prompt_len):
             out.append(time.perf_counter() - t)
         return statistics.median(out), float(loss.detach())
 
-    def loss_and_grads(fused):   # LoRA dropout off (train mode kept: checkpointing bounds the memory)
-        drop = {}
+    def loss_and_grads(path):
+        """Loss and flat grads with LoRA dropout off (the only random op of this model: attention and
+        hidden dropout are 0 in the config), so the paths compute the same function. Train mode is kept
+        (checkpointing bounds the memory). path: "fused" (Triton op per token), "token" (the torch
+        per-token contract op in the same place, same bf16 roundings: y + delta) or "torch" (the
+        model's torch path: per-sample batched LoRA with the base add fused)."""
+        import ckf_dist.model.multi_lora as mml
+        from ckf_dist.model.multi_lora import multi_lora_torch
+        drop, saved_kernel = {}, mml.MultiLoraLinear._kernel
         for layer in model.lora_layers():
-            layer.fused_kernels, drop[layer] = fused, layer.dropout
+            layer.fused_kernels, drop[layer] = path != "torch", layer.dropout
             layer.dropout = 0.0
-        loss, _ = model.loss(batch, step=10, total_steps=100)
-        params = model.trainable_parameters()
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for layer, p in drop.items():
-            layer.dropout = p
+        if path == "token":
+            mml.MultiLoraLinear._kernel = lambda self, x: multi_lora_torch
+        try:
+            loss, _ = model.loss(batch, step=10, total_steps=100)
+            params = model.trainable_parameters()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            mml.MultiLoraLinear._kernel = saved_kernel
+            for layer, p in drop.items():
+                layer.dropout = p
         flat = torch.cat([(g if g is not None else torch.zeros_like(p)).float().flatten()
                           for g, p in zip(grads, params)])
         return float(loss.detach()), flat
-    (lf, gf), (lt, gt) = loss_and_grads(True), loss_and_grads(False)
-    agree = dict(loss_fused=lf, loss_torch=lt, grad_rel_diff=float((gf - gt).norm() / gt.norm().clamp_min(1e-30)))
+
+    def rdiff(a, b):
+        return float((a - b).norm() / b.norm().clamp_min(1e-30))
+    (lf, gf), (lk, gk), (lt, gt) = (loss_and_grads(p) for p in ("fused", "token", "torch"))
+    agree = dict(loss_fused=lf, loss_token=lk, loss_torch=lt, grad_rel_diff=rdiff(gf, gt),
+                 grad_rel_fused_vs_token=rdiff(gf, gk), grad_rel_token_vs_torch=rdiff(gk, gt),
+                 compares="dropout 0 (no random op), same batch and weights; fused/token/torch LoRA paths")
+    del gf, gk, gt
     print(f"  fused vs torch path through the model: {agree}", flush=True)
     for layer in model.lora_layers():
         layer.fused_kernels = True
@@ -412,10 +496,18 @@ def report(res):
                      f"of 989 TFLOP/s" + (f" / {100 * tr['mfu_vs_measured']:.1f}% of measured"
                                           if tr.get("mfu_vs_measured") else "") +
                      f", peak {tr['peak_mem_gib']:.1f} GiB, fused calls/step {tr['fused_calls_per_step']}, "
-                     f"torch path {tr['torch_path_step_s']:.2f} s; fused vs torch: loss "
-                     f"{tr['fused_vs_torch']['loss_fused']:.4f}/{tr['fused_vs_torch']['loss_torch']:.4f}, "
-                     f"grads rel diff {tr['fused_vs_torch']['grad_rel_diff']:.1e}" + (f"  !! {tr['warning']}" if "warning" in tr else ""))
-    for key in ("correctness_error", "timing_error", "train_error"):
+                     f"torch path {tr['torch_path_step_s']:.2f} s; dropout-0 agreement: loss fused/token/torch "
+                     f"{tr['fused_vs_torch']['loss_fused']:.4f}/{tr['fused_vs_torch'].get('loss_token', float('nan')):.4f}"
+                     f"/{tr['fused_vs_torch']['loss_torch']:.4f}, grads rel diff fused-torch "
+                     f"{tr['fused_vs_torch']['grad_rel_diff']:.1e}, fused-token "
+                     f"{tr['fused_vs_torch'].get('grad_rel_fused_vs_token', float('nan')):.1e}, token-torch (bf16 noise "
+                     f"floor) {tr['fused_vs_torch'].get('grad_rel_token_vs_torch', float('nan')):.1e}" + (f"  !! {tr['warning']}" if "warning" in tr else ""))
+    bi = res.get("bisect")
+    if bi:
+        lines.append("bisect " + str(tuple(bi["case"])) + ": " + "; ".join(
+            f"{r['variant']} {r.get('dtype')} {'ok' if r['ok'] else 'FAIL ' + str(r.get('error', ''))[:80]}"
+            for r in bi["rows"]))
+    for key in ("correctness_error", "timing_error", "train_error", "bisect_error"):
         if key in res:
             last = [ln for ln in res[key].strip().splitlines() if ln and not ln[0].isspace()]
             lines.append(f"{key}: {last[-1] if last else res[key][-300:]}")
@@ -432,7 +524,11 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=0)
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     ap.add_argument("--no-report", action="store_true", help="skip the table at the end (gpu_check.sh)")
+    ap.add_argument("--fault-case", metavar="DTYPE", help=argparse.SUPPRESS)     # child of --parts bisect
+    ap.add_argument("--fault-cfg", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.fault_case:
+        return fault_case_child(args.fault_case, args.fault_cfg)
     if args.report:
         report(json.loads(Path(args.report).read_text()))
         return 0
@@ -453,6 +549,9 @@ def main():
                 rc |= 0 if res["correctness"]["passed"] else 1
             elif part == "timing":
                 part_timing(res, tokens)
+            elif part == "bisect":
+                part_bisect(res)
+                rc |= 0 if all(r["ok"] for r in res["bisect"]["rows"] if r["variant"] == "default") else 1
             elif part == "train":
                 part_train(res, args.batch or (4 if SMOKE else 8), args.prompt_len or (12 if SMOKE else 1000))
             else:

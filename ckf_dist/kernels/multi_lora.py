@@ -8,6 +8,8 @@ Contract (docs/architecture.md, shared with ``ckf_dist.model.multi_lora.multi_lo
 
     delta[n] = scale_shared * B_s @ A_s @ x[n] + scale_task * B_t[k] @ A_t[k] @ x[n],  k = task_ids[n]
 
+Launches per call: forward 1 (+1 ``_assert_async`` of the in-kernel id check for raw ids
+on CUDA), backward 3 (dX, dW partials, dW sums); no sort, no host sync, grids from shapes.
 Passes over the big tensors (x, dy, dx: N x hidden): forward reads x once and writes y
 once; backward reads dy twice (dX path, dB) and x once (dA) and writes dX once. Everything
 in between lives in rank space (N x (rs+rt) fp32, a few MB). See ``_triton_multi_lora.py``.
@@ -18,8 +20,8 @@ Extras beyond the contract (keyword-only, optional):
   store, saving a full extra read+write of y compared with ``base + delta``. The tensor
   must be a fresh result nobody else reads (it is marked dirty for autograd).
 * ``task_ids`` may be a :class:`~ckf_dist.kernels.routing.Routing` from
-  ``make_routing(task_ids, T)``, built once per batch and shared by every layer.
-* ``config=``: a :class:`KernelConfig` (tile sizes, splits), for benchmarking.
+  ``make_routing(task_ids, T)`` (ids validated once), shared by every layer.
+* ``config=``: a :class:`KernelConfig` (tile sizes, dW chunks), for benchmarking.
 
 Dropout: the op has none. LoRA dropout applies to the adapter input only, so the caller
 passes ``x_dropped = dropout(x)`` and adds the base output computed from the undropped x;
@@ -43,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from .routing import BlockTable, Routing, cdiv, make_routing
+from .routing import Routing, cdiv, make_routing
 
 __all__ = ["KernelConfig", "multi_lora_triton", "triton_available", "interpret_mode"]
 
@@ -77,14 +79,15 @@ def triton_available() -> bool:
 class KernelConfig:
     """Tile sizes. 0 means automatic. Block sizes must be powers of two >= 16."""
 
-    block_m: int = 0       # sorted rows per program (one task per block)
-    block_k: int = 64      # shrink tile along the reduced (hidden) dimension
-    block_n: int = 64      # expand tile along the written dimension
+    block_m: int = 0       # rows per program of the fused shrink+expand kernel
+    block_k: int = 128     # shrink tile along the reduced (hidden) dimension
+    block_n: int = 64      # expand tile along the written dimension (64: fewer registers; best in the H200 sweep)
     block_d: int = 64      # weight-gradient tile along hidden
-    split: int = 0         # programs per row block along hidden (fills the GPU at small N)
-    chunk: int = 0         # sorted rows per weight-gradient partial
-    num_warps: int = 0     # 0: 8 for block_m >= 64 (4 warps spill registers there on sm_90), else 4
+    block_dm: int = 0      # weight-gradient tile along rows (0: 64; 16 in the interpreter)
+    chunk: int = 0         # rows per weight-gradient partial (0: enough chunks to fill the GPU)
+    num_warps: int = 0     # 0: 8 for block_m >= 64, else 4
     num_stages: int = 3
+    equal_rank_pad: bool = True   # pad both ranks to the larger padding (see _common)
 
 
 _MOD = None
@@ -93,20 +96,21 @@ _MOD = None
 def _kernels():
     """Import the kernel module, (re)loading it if the interpreter mode changed since."""
     global _MOD
+    mode = interpret_mode()
+    if _MOD is not None and _MOD[0] == mode:
+        return _MOD[1]
     msg = ("multi_lora_triton needs triton (pip install 'triton>=3.0' or the 'gpu' extra); "
            "use ckf_dist.model.multi_lora.multi_lora_torch instead")
     if not _has_triton():
         raise RuntimeError(msg)
-    mode = interpret_mode()
-    if _MOD is None or _MOD[0] != mode:
-        try:
-            mod = importlib.import_module(f"{__package__}._triton_multi_lora")
-        except ImportError as e:
-            raise RuntimeError(f"{msg} ({e})") from e
-        if _MOD is not None:
-            mod = importlib.reload(mod)       # triton.jit picks interpreter or GPU at definition
-        _MOD = (mode, mod)
-    return _MOD[1]
+    try:
+        mod = importlib.import_module(f"{__package__}._triton_multi_lora")
+    except ImportError as e:
+        raise RuntimeError(f"{msg} ({e})") from e
+    if _MOD is not None:
+        mod = importlib.reload(mod)           # triton.jit picks interpreter or GPU at definition
+    _MOD = (mode, mod)
+    return mod
 
 
 _SMS: dict = {}
@@ -114,35 +118,20 @@ _SMS: dict = {}
 
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
-        return 2                              # interpreter: small, still exercises the splits
-    if str(device) not in _SMS:
-        _SMS[str(device)] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[str(device)]
+        return 2                              # interpreter: small, still exercises several chunks
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SMS[key]
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _resolve(cfg: KernelConfig, n_rows: int, dims: tuple[int, int], device) -> dict:
-    """Fill the automatic fields. Heuristics to be tuned on a GPU (bench/multilora_gpu.py)."""
-    bm = cfg.block_m or (64 if n_rows >= 8192 else 32 if n_rows >= 1024 else 16)
-    target = 4 * _sm_count(device)            # ~4 programs per SM
-    row_blocks = cdiv(max(n_rows, 1), bm)
-    if cfg.split:
-        split = cfg.split
-    else:
-        most = max(1, cdiv(max(dims), max(cfg.block_k, cfg.block_n)) // 4)   # >= 4 tiles per split
-        split = max(1, min(cdiv(target, row_blocks), most))
-    chunk = cfg.chunk or max(bm, min(1024, _pow2(cdiv(max(n_rows, 1), 16))))
-    chunk = cdiv(chunk, bm) * bm
-    warps = cfg.num_warps or (8 if bm >= 64 else 4)
-    return dict(bm=bm, split=split, chunk=chunk, warps=warps)
-
-
 def _new(shape, dtype, device) -> torch.Tensor:
     if POISON_BUFFERS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -7, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -150,62 +139,67 @@ def _rank_pad(r: int) -> int:
     return max(16, _pow2(r))
 
 
-class _Ctx:
-    """Static facts of one call shared by the launchers (shapes, flags, constexprs)."""
+_CACHE: dict = {}
 
-    def __init__(self, x, a_s, a_t, b_s, b_t, routing: Routing, cfg: KernelConfig):
+
+def _cached(key, make):
+    v = _CACHE.get(key)
+    if v is None:
+        v = _CACHE[key] = make()
+    return v
+
+
+def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A cached 1-element tensor: a placeholder pointer for absent operands (never read)."""
+    return _cached(("dummy", device, dtype), lambda: torch.zeros(1, dtype=dtype, device=device))
+
+
+def _flag(device: torch.device) -> torch.Tensor:
+    """The per-device "all task ids valid" flag: 1, cleared by a kernel that sees a bad id."""
+    return _cached(("flag", device), lambda: torch.ones(1, dtype=torch.int32, device=device))
+
+
+class _Ctx:
+    """Static facts of one call shared by the launchers (shapes, flags, tiles, constexprs)."""
+
+    __slots__ = ("n", "n_in", "n_out", "rs", "rt", "rc", "T", "has_s", "has_t", "ids", "device",
+                 "bm", "cfg", "common", "k", "interp")
+
+    def __init__(self, x, a_s, a_t, b_s, b_t, ids, n_tasks: int, cfg: KernelConfig):
         self.n, self.n_in = x.shape
         self.n_out = b_s.shape[0] if b_s is not None else b_t.shape[1]
         self.rs = a_s.shape[0] if a_s is not None else 0
         self.rt = a_t.shape[1] if a_t is not None else 0
         self.rc = self.rs + self.rt
+        self.T = n_tasks
         self.has_s, self.has_t = a_s is not None, a_t is not None
-        self.routing, self.cfg = routing, cfg
         self.device = x.device
-        self.auto = _resolve(cfg, self.n, (self.n_in, self.n_out), x.device)
-        k = _kernels()
+        self.ids = ids if ids is not None else _dummy(x.device, torch.int64)
+        self.cfg = cfg
+        self.k = _kernels()
+        self.interp = interpret_mode()
+        n = self.n
+        self.bm = cfg.block_m or (16 if n < 8192 else 32 if n < 32768 else 64)   # >= ~2 programs per SM
+        self.common = _cached(("common", x.dtype, self.interp, self.has_s, self.has_t, self.rs, self.rt,
+                               cfg.num_stages, cfg.equal_rank_pad), lambda: self._common(x.dtype))
+
+    def _common(self, dtype):
         import triton.language as tl
-        interp = interpret_mode()
-        self.compute = tl.float32 if (interp or x.dtype == torch.float32) else \
-            {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[x.dtype]
-        self.prec = "ieee" if self.compute == tl.float32 else "tf32"
-        self.k = k
-        self.common = dict(HAS_S=self.has_s, HAS_T=self.has_t, PERMUTED=routing.perm is not None,
-                           RS_P=_rank_pad(self.rs), RT_P=_rank_pad(self.rt), COMPUTE=self.compute,
-                           PREC=self.prec, num_warps=self.auto["warps"], num_stages=cfg.num_stages)
-        self.perm = routing.perm if routing.perm is not None else self.dummy
-
-    @property
-    def dummy(self):
-        return _dummy(self.device, torch.int64)
-
-
-_DUMMIES: dict = {}
-
-
-def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A cached 1-element tensor: a placeholder pointer for absent operands (never read)."""
-    key = (str(device), dtype)
-    if key not in _DUMMIES:
-        _DUMMIES[key] = torch.zeros(1, dtype=dtype, device=device)
-    return _DUMMIES[key]
-
-
-def _blocks(c: "_Ctx", block: int) -> BlockTable:
-    """The routing's block table for ``block`` rows per program, built by one Triton launch
-    (cached on the Routing, so a Routing reused across layers pays for it once)."""
-    r = c.routing
-    key = ("triton", block)
-    if key not in r._tables:
-        n_prog = cdiv(r.n_rows, block) + min(r.n_tasks, r.n_rows)
-        table = torch.empty((n_prog, 3), dtype=torch.int32, device=c.device)
-        first = torch.empty(r.n_tasks, dtype=torch.int32, device=c.device)
-        last = torch.empty_like(first)
-        total = torch.empty(1, dtype=torch.int32, device=c.device)
-        c.k._route_kernel[(n_prog,)](r.counts, r.seg_start, r.n_tasks, block, table, first, last, total,
-                                     num_warps=1)
-        r._tables[key] = BlockTable(block, n_prog, table, first, last, total)
-    return r._tables[key]
+        compute = tl.float32 if (self.interp or dtype == torch.float32) else \
+            {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+        rs_p, rt_p = _rank_pad(self.rs), _rank_pad(self.rt)
+        if self.cfg.equal_rank_pad and self.has_s and self.has_t:
+            # One rank width for every tl.dot of a kernel. With unequal paddings (rs 8 -> 16
+            # next to rt 64) the fp16 run on the H200 (triton 3.6) hit an illegal memory
+            # access in backward while the same shapes passed in fp32 (FMA dots, no tensor
+            # cores) and equal paddings passed in fp16/bf16; every access is in bounds at the
+            # source level (tests/test_kernels_guard.py), so the suspect is the sm_90 lowering
+            # of two MMAs of different N sharing one operand (_dw_kernel: one wgmma N=16 and
+            # one N=64 on the same smem tile; _tile likewise with mma.sync). Costs only extra
+            # rank columns (masked), nothing when the paddings are already equal.
+            rs_p = rt_p = max(rs_p, rt_p)
+        return dict(HAS_S=self.has_s, HAS_T=self.has_t, RS_P=rs_p, RT_P=rt_p,
+                    COMPUTE=compute, PREC="ieee" if compute == tl.float32 else "tf32")
 
 
 def _w(t, idx, w_dummy):
@@ -215,57 +209,59 @@ def _w(t, idx, w_dummy):
     return (t,) + tuple(t.stride(i) for i in idx)
 
 
-def _low_rank_pass(c: _Ctx, m: torch.Tensor, k_dim: int, ws, wt, out_dim: int, y, scales,
-                   save_h: bool, accum: bool) -> torch.Tensor | None:
-    """shrink(M over k_dim) then expand(into y over out_dim). ws/wt: (tensor, strides...)
-    for shrink as (r, k) and for expand as (n, r). Returns the saved fp32 H or None."""
-    bm, split = c.auto["bm"], c.auto["split"]
-    blocks = _blocks(c, bm)
-    tiles = cdiv(k_dim, c.cfg.block_k)
-    per = cdiv(tiles, min(split, tiles))
-    s_k = cdiv(tiles, per)
-    p = _new((s_k, c.n, c.rc), torch.float32, c.device)
-    (wss, s_r, s_k_), (wtt, t_t, t_r, t_k) = ws[0], wt[0]
-    c.k._shrink_kernel[(blocks.n_programs, s_k)](
-        m, m.stride(0), m.stride(1), wss, s_r, s_k_, wtt, t_t, t_r, t_k,
-        p, c.perm, blocks.table, c.n, k_dim, c.rs, c.rt, c.rc, per, BM=bm, BK=c.cfg.block_k,
-        **c.common)
-    h = _new((c.n, c.rc), torch.float32, c.device) if save_h else p
-    tiles_n = max(1, cdiv(out_dim, c.cfg.block_n))
-    per_n = cdiv(tiles_n, min(split, tiles_n)) if out_dim else 1
-    s_n = cdiv(tiles_n, per_n) if out_dim else 1
-    (wse, e_n, e_r), (wte, f_t, f_n, f_r) = ws[1], wt[1]
-    c.k._expand_kernel[(blocks.n_programs, s_n)](
-        p, s_k, h, y, y.stride(0), y.stride(1), wse, e_n, e_r, wte, f_t, f_n, f_r,
-        c.perm, blocks.table, c.n, out_dim, c.rs, c.rt, c.rc, float(scales[0]), float(scales[1]),
-        per_n, SAVE_H=save_h, ACCUM=accum, BM=bm, BN=c.cfg.block_n, **c.common)
-    return h if save_h else None
+def _lora_pass(c: _Ctx, m, k_dim, shrink_s, shrink_t, expand_s, expand_t, y, out_dim, scales,
+               h, accum: bool, check: bool) -> None:
+    """One launch of the fused shrink+expand kernel over all rows (grid from shapes only)."""
+    bm = c.bm
+    warps = c.cfg.num_warps or (8 if bm >= 64 else 4)
+    hh = h if h is not None else _dummy(c.device, torch.float32)
+    c.k._lora_kernel[(triton_cdiv(c.n, bm),)](
+        m, m.stride(0), m.stride(1), y, y.stride(0), y.stride(1), hh, c.ids,
+        _flag(c.device) if check else hh, *shrink_s, *shrink_t, *expand_s, *expand_t,
+        c.n, k_dim, out_dim, c.rs, c.rt, c.rc, c.T, float(scales[0]), float(scales[1]),
+        SAVE_H=h is not None, ACCUM=accum, CHECK=check, BM=bm, BK=c.cfg.block_k, BN=c.cfg.block_n,
+        num_warps=warps, num_stages=c.cfg.num_stages, **c.common)
 
 
-def _weight_grads(c: _Ctx, m: torch.Tensor, h: torch.Tensor, d: int, shared_t, task_t):
-    """Segment-sorted dW: per-chunk partials of M^T H, then in-order sums per task.
+def triton_cdiv(a: int, b: int) -> int:
+    return max(1, cdiv(a, b))
 
-    shared_t/task_t: destination tensors (or None) and how (d, r) map onto them, given as
-    (tensor, stride_t, stride_d, stride_r)."""
-    blocks = _blocks(c, c.auto["chunk"])
-    n_chunks = blocks.n_programs
-    ps = _new((n_chunks, d, c.rs), torch.float32, c.device) if c.has_s else c.dummy
-    pt = _new((n_chunks, d, c.rt), torch.float32, c.device) if c.has_t else c.dummy
+
+def _weight_grads(c: _Ctx, dy, h, x, dg, grads) -> None:
+    """dB = dy^T H and dA = dG^T x: per-chunk partials in one launch, then in-order sums
+    into ``grads`` = (da_s, db_s, da_t, db_t) (absent adapters: None) in one launch."""
+    dev = c.device
+    bmd = c.cfg.block_dm or (16 if c.interp else 64)
     bd = c.cfg.block_d
-    c.k._dw_kernel[(n_chunks, cdiv(d, bd))](
-        m, m.stride(0), m.stride(1), h, ps, pt, c.perm, blocks.table, d, c.rs, c.rt, c.rc,
-        BM=c.auto["bm"], BD=bd, **c.common)
-    block = 1024 if c.device.type == "cuda" else 256
-    zero = _dummy(c.device, torch.int32)      # the shared adapter sums chunks [0, total)
-    for part, dest, r, first, last, n_seg in (
-            (ps, shared_t, c.rs, zero, blocks.total, 1),
-            (pt, task_t, c.rt, blocks.first, blocks.last, c.routing.n_tasks)):
-        if dest is None:
-            continue
-        out, so_t, so_d, so_r = dest
-        c.k._seg_sum_kernel[(n_seg, cdiv(d * r, block))](
-            part, first, last, out, so_t, so_d, so_r, d * r, r, BLOCK=block,
-            num_warps=4)
+    tiles_b, tiles_a = cdiv(c.n_out, bd), cdiv(c.n_in, bd)
+    if c.cfg.chunk:
+        chunk = cdiv(c.cfg.chunk, bmd) * bmd
+    else:       # enough chunks for ~4 programs per SM, each at least one row tile
+        n_chunks = max(1, min(cdiv(4 * _sm_count(dev), tiles_a + tiles_b), cdiv(c.n, bmd)))
+        chunk = cdiv(cdiv(c.n, n_chunks), bmd) * bmd
+    n_chunks = cdiv(c.n, chunk)
+    f32, d32 = torch.float32, _dummy(dev, torch.float32)
+    psb = _new((n_chunks, c.n_out, c.rs), f32, dev) if c.has_s else d32
+    psa = _new((n_chunks, c.rs, c.n_in), f32, dev) if c.has_s else d32
+    ptb = _new((n_chunks, c.T, c.n_out, c.rt), f32, dev) if c.has_t else d32
+    pta = _new((n_chunks, c.T, c.rt, c.n_in), f32, dev) if c.has_t else d32
+    lo = _new((n_chunks,), torch.int32, dev)
+    hi = _new((n_chunks,), torch.int32, dev)
+    warps = c.cfg.num_warps or 4
+    c.k._dw_kernel[(n_chunks, tiles_b + tiles_a)](
+        dy, dy.stride(0), dy.stride(1), h, c.n_out, psb, ptb,
+        x, x.stride(0), x.stride(1), dg, c.n_in, psa, pta,
+        c.ids, lo, hi, c.n, chunk, tiles_b, c.rs, c.rt, c.rc, c.T,
+        BM=bmd, BD=bd, num_warps=warps, num_stages=c.cfg.num_stages, **c.common)
+    da_s, db_s, da_t, db_t = grads
+    dx_ = _dummy(dev, dy.dtype)
+    block = 256 if c.interp else 1024
+    longest = max(c.n_in, c.n_out) * max(c.rs, c.rt)
+    c.k._wsum_kernel[(2 * (c.T + 1), cdiv(longest, block))](
+        psb, ptb, psa, pta, lo, hi, n_chunks, c.n_out, c.n_in, c.rs, c.rt, c.T,
+        db_s if db_s is not None else dx_, db_t if db_t is not None else dx_,
+        da_s if da_s is not None else dx_, da_t if da_t is not None else dx_,
+        HAS_S=c.has_s, HAS_T=c.has_t, BLOCK=block, num_warps=4)
 
 
 class _MultiLoraFn(torch.autograd.Function):
@@ -274,19 +270,19 @@ class _MultiLoraFn(torch.autograd.Function):
     Function's first input as the modified one, e.g. ``out=y.view(-1, d)``."""
 
     @staticmethod
-    def forward(ctx, out, x, a_s, b_s, a_t, b_t, routing, scale_s, scale_t, cfg):
-        c = _Ctx(x, a_s, a_t, b_s, b_t, routing, cfg)
+    def forward(ctx, out, x, a_s, b_s, a_t, b_t, ids, n_tasks, scale_s, scale_t, cfg, check):
+        c = _Ctx(x, a_s, a_t, b_s, b_t, ids, n_tasks, cfg)
         accum = out is not None
         y = out if accum else _new((c.n, c.n_out), x.dtype, x.device)
-        need_h = ctx.needs_input_grad[3] or ctx.needs_input_grad[5]    # H only feeds dB
+        need_h = any(ctx.needs_input_grad[2:6])         # H feeds dB (all weight grads run together)
         h = None
         if c.n:
-            d = c.dummy
-            h = _low_rank_pass(
-                c, x, c.n_in,
-                ws=(_w(a_s, (0, 1), d), _w(b_s, (0, 1), d)),          # shrink (r, k) / expand (n, r)
-                wt=(_w(a_t, (0, 1, 2), d), _w(b_t, (0, 1, 2), d)),
-                out_dim=c.n_out, y=y, scales=(scale_s, scale_t), save_h=need_h, accum=accum)
+            h = _new((c.n, c.rc), torch.float32, x.device) if need_h else None
+            d = _dummy(x.device, x.dtype)
+            _lora_pass(c, x, c.n_in,
+                       _w(a_s, (0, 1), d), _w(a_t, (0, 1, 2), d),          # shrink (r, k)
+                       _w(b_s, (0, 1), d), _w(b_t, (0, 1, 2), d),          # expand (n, r)
+                       y, c.n_out, (scale_s, scale_t), h, accum, check)
         if accum:
             ctx.mark_dirty(out)
         ctx.save_for_backward(x, a_s, b_s, a_t, b_t, h)
@@ -299,48 +295,31 @@ class _MultiLoraFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, a_s, b_s, a_t, b_t, h = ctx.saved_tensors
         c: _Ctx = ctx.c
-        need = ctx.needs_input_grad[1:6] + ctx.needs_input_grad[:1]   # x, a_s, b_s, a_t, b_t, out
-        need_dx, need_a, need_b = need[0], need[1] or need[3], need[2] or need[4]
-        dx = da_s = db_s = da_t = db_t = None
-        T = c.routing.n_tasks
-        if need[1]:
-            da_s = _new(a_s.shape, torch.float32, x.device)
-        if need[2]:
-            db_s = _new(b_s.shape, torch.float32, x.device)
-        if need[3]:
-            da_t = _new(a_t.shape, torch.float32, x.device)
-        if need[4]:
-            db_t = _new(b_t.shape, torch.float32, x.device)
-        if need_dx:
-            dx = _new(x.shape, x.dtype, x.device)
+        need = ctx.needs_input_grad
+        need_dx = need[1]
+        need_w = any(need[2:6])
+        dev, dt = x.device, x.dtype
+        grads = [(_new(w.shape, dt, dev) if w is not None else None) for w in (a_s, b_s, a_t, b_t)] \
+            if need_w else [None] * 4
+        dx = _new(x.shape, dt, dev) if need_dx else None
         if c.n == 0:
-            for g in (dx, da_s, db_s, da_t, db_t):
+            for g in [dx] + grads:
                 if g is not None:
                     g.zero_()
-        else:
-            if c.has_t and T != a_t.shape[0]:
-                raise AssertionError("routing/task weight mismatch")
-            if need_b:      # dB = dy^T H  (H already carries the scale)
-                _weight_grads(c, dy, h, c.n_out,
-                              None if db_s is None else (db_s, 0, c.rs, 1),
-                              None if db_t is None else (db_t, c.n_out * c.rt, c.rt, 1))
-            if need_dx or need_a:
-                d = c.dummy
-                dxo = dx if need_dx else d.view(1, 1)
-                dh = _low_rank_pass(
-                    c, dy, c.n_out,
-                    ws=(_w(b_s, (1, 0), d), _w(a_s, (1, 0), d)),     # shrink W=B^T, expand W=A^T
-                    wt=(_w(b_t, (0, 2, 1), d), _w(a_t, (0, 2, 1), d)),
-                    out_dim=c.n_in if need_dx else 0, y=dxo, scales=ctx.scales,
-                    save_h=need_a, accum=False)
-                if need_a:  # dA = dH^T x
-                    _weight_grads(c, x, dh, c.n_in,
-                                  None if da_s is None else (da_s, 0, 1, c.n_in),
-                                  None if da_t is None else (da_t, c.rt * c.n_in, 1, c.n_in))
-        cast = (lambda g, w: None if g is None else g.to(w.dtype))
-        d_out = dy if need[5] else None
-        return (d_out, dx, cast(da_s, a_s), cast(db_s, b_s), cast(da_t, a_t), cast(db_t, b_t),
-                None, None, None, None)
+        elif need_dx or need_w:
+            d = _dummy(dev, dt)
+            dg = _new((c.n, c.rc), torch.float32, dev) if need_w else None
+            dxo = dx if need_dx else d.view(1, 1)
+            _lora_pass(c, dy, c.n_out,
+                       _w(b_s, (1, 0), d), _w(b_t, (0, 2, 1), d),          # shrink W = B^T as (r, k)
+                       _w(a_s, (1, 0), d), _w(a_t, (0, 2, 1), d),          # expand W = A^T as (n, r)
+                       dxo, c.n_in if need_dx else 0, ctx.scales, dg, False, False)
+            if need_w:
+                _weight_grads(c, dy, h, x, dg, grads)
+        da_s, db_s, da_t, db_t = grads
+        keep = (lambda g, i: g if need[i] else None)
+        return (dy if need[0] else None, dx, keep(da_s, 2), keep(db_s, 3), keep(da_t, 4), keep(db_t, 5),
+                None, None, None, None, None, None)
 
 
 def _check(x, a_s, b_s, a_t, b_t):
@@ -387,19 +366,42 @@ def multi_lora_triton(x, a_shared, b_shared, a_task, b_task, task_ids, scale_sha
                            "ckf_dist.model.multi_lora.multi_lora_torch instead")
     _kernels()                                # clear error now if triton is missing
     n_tasks = a_task.shape[0] if a_task is not None else 1
+    check = False
     if isinstance(task_ids, Routing):
         routing = task_ids
         if routing.n_rows != x.shape[0] or (a_task is not None and routing.n_tasks != n_tasks):
             raise ValueError(f"multi_lora: routing built for {routing.n_rows} rows x {routing.n_tasks} "
                              f"tasks, called with {x.shape[0]} rows x {n_tasks} tasks")
+        ids = routing.task_ids if a_task is not None else None
+        if a_task is not None and ids is None:
+            raise ValueError("multi_lora: routing without task ids for a call with task adapters")
+    elif a_task is None:
+        ids = None
     else:
-        routing = make_routing(task_ids if a_task is not None else None, n_tasks,
-                               n_rows=x.shape[0], device=x.device)
+        # validation on the host on CPU; on CUDA inside the kernel (a flag asserted
+        # asynchronously below), so no extra launches and no sync
+        ids = make_routing(task_ids, n_tasks, n_rows=x.shape[0], check=not x.is_cuda).task_ids
+        check = x.is_cuda and ids.numel() > 0
     if out is not None and (out.shape != (x.shape[0], (b_shared if b_shared is not None else b_task)
                                           .shape[-2]) or out.dtype != x.dtype or out.device != x.device):
         raise ValueError(f"multi_lora: out must be [N, out] of x's dtype/device, got {tuple(out.shape)} "
                          f"{out.dtype}")
-    cast = (lambda w: None if w is None else w.to(x.dtype))
-    return _MultiLoraFn.apply(out, x, cast(a_shared), cast(b_shared), cast(a_task), cast(b_task),
-                              routing, float(scale_shared), float(scale_task),
-                              config or KernelConfig())
+    dt = x.dtype
+    cast = (lambda w: w if w is None or w.dtype == dt else w.to(dt))
+    y = _MultiLoraFn.apply(out, x, cast(a_shared), cast(b_shared), cast(a_task), cast(b_task),
+                           ids, n_tasks, float(scale_shared), float(scale_task),
+                           config or _DEFAULT_CFG, check)
+    if check:
+        _assert_ids(x.device, n_tasks)
+    return y
+
+
+_DEFAULT_CFG = KernelConfig()
+
+
+def _assert_ids(device, n_tasks: int) -> None:
+    flag = _flag(device)
+    try:
+        torch._assert_async(flag, f"multi_lora: task_ids must lie in [0, {n_tasks})")
+    except TypeError:                         # older torch: no message argument
+        torch._assert_async(flag)

@@ -49,12 +49,41 @@ def backbone_step(backbone, batch: dict) -> None:
         F.cross_entropy(logits, target[answer]).backward()
 
 
+def start_s3(work: Path) -> str:
+    """A moto S3 server on a free loopback port (stopped at exit); returns a fresh bucket URL."""
+    import atexit
+    import socket
+    import subprocess
+    import sys
+
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    atexit.register(proc.terminate)
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_DEFAULT_REGION="us-east-1", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench")
+    for _ in range(200):
+        try:
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="ckf-bench")
+            return "s3://ckf-bench"
+        except Exception:  # noqa: BLE001  (not listening yet)
+            time.sleep(0.1)
+    raise RuntimeError("moto server did not start")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "tiny-cpu.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--steps", type=int, default=8, help="timed rounds of each side (after one warm-up)")
     ap.add_argument("--saves", type=int, default=4, help="timed save rounds")
+    ap.add_argument("--s3", action="store_true",
+                    help="checkpoint to a real S3 server (moto, started on 127.0.0.1) instead of local disk")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "train_step.json"))
     args = ap.parse_args()
 
@@ -72,7 +101,10 @@ def main() -> None:
     from ckf_dist.train.worker import Worker
 
     work = Path(tempfile.mkdtemp(prefix="ckf-bench-step-"))
-    cfg = load_config(args.config, [*args.overrides, "train.num_workers=1", f"train.storage={work / 'ckpt'}",
+    storage = str(work / "ckpt")
+    if args.s3:
+        storage = start_s3(work)
+    cfg = load_config(args.config, [*args.overrides, "train.num_workers=1", f"train.storage={storage}",
                                     f"train.log_dir={work / 'logs'}", "run_name=bench", "train.max_steps=100000"])
     try:
         read_manifest(cfg.data.output)

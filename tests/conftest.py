@@ -57,6 +57,20 @@ def make_bucket(name: str) -> str:
     return f"s3://{name}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _ray_without_token_auth():
+    """Ray (>= 2.52) turns token auth on for a new local cluster and writes ~/.ray/auth_token,
+    after which every later `ray start` on the machine requires the token. The tests' clusters
+    are loopback-only and short-lived: keep them independent of whatever ran before."""
+    old = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    yield
+    if old is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = old
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """Endpoint URL of a moto S3 server on 127.0.0.1, with the AWS_* environment set for the session."""

@@ -104,6 +104,7 @@ def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="ckfray", dir="/tmp")  # short: Ray's unix sockets live under it
     gcs, dash, dash_metrics, autoscaler_metrics, *other = _free_ports(11)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
+    env["RAY_AUTH_MODE"] = "disabled"   # loopback test head; see conftest._ray_without_token_auth
     # Ray's metrics servers use fixed default ports: private ones, so that heads never collide.
     env.update(DASHBOARD_METRIC_PORT=str(dash_metrics), AUTOSCALER_METRIC_PORT=str(autoscaler_metrics))
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"

@@ -30,7 +30,9 @@ class TrainConfig:
     epochs: float = 3.0
     max_steps: int = 0                 # > 0 caps the number of optimizer steps
     mode: Literal["two_stream", "joint"] = "two_stream"
-    task_sampler: Literal["proportional", "uniform"] = "proportional"
+    # Tasks are mixed within every batch in proportion to their rows: the split's shards hold
+    # all tasks and the seeded shuffle buffer interleaves them (the paper's setting).
+    task_sampler: Literal["proportional"] = "proportional"
     shuffle_buffer: int = 1024
     save_every: int = 50               # optimizer steps between checkpoints
     num_to_keep: int = 2

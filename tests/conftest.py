@@ -34,11 +34,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"moto server exited with {proc.returncode}: {proc.stderr.read().decode(errors='replace')[-2000:]}")
+            tail = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"moto server exited with {proc.returncode}: {tail}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -72,15 +73,21 @@ def _ray_without_token_auth():
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """Endpoint URL of a moto S3 server on 127.0.0.1, with the AWS_* environment set for the session."""
+def s3_server(tmp_path_factory):
+    """Endpoint URL of a moto S3 server on 127.0.0.1, with the AWS_* environment set for the session.
+
+    The server logs one line per request. Its output goes to a file, never to a pipe: a pipe
+    nobody drains fills after a few hundred requests and the server then blocks mid-response,
+    which the clients see as read timeouts."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
     try:
-        _wait_for_port(port, proc)
+        _wait_for_port(port, proc, log)
         os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
         yield endpoint
     finally:

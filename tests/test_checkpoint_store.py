@@ -91,3 +91,27 @@ def test_resolve_errors_name_the_url(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(store.CheckpointError, match="neither a checkpoint"):
         store.resolve_checkpoint(str(tmp_path / "empty"))
+
+
+def test_commit_on_s3_checks_every_listed_file(s3_url, tmp_path):
+    """The object-store commit path (one concurrent fetch of the rank lists, one listing for sizes):
+    a truncated or missing file and a missing rank list each stop the commit before the marker."""
+    fs, root = store.open_store(s3_url)
+    local = Path(_write_rank_files(tmp_path, 2, world=2))
+    remote = f"{root}/run/{local.name}"
+    fs.put(str(local) + "/", remote, recursive=True)
+    fs.pipe(f"{remote}/r1/shard.bin", b"short")                 # same name, wrong size
+    with pytest.raises(store.CheckpointError, match="r1/shard.bin: expected 8 bytes, found 5"):
+        store.commit(fs, remote, {"step": 2}, 2)
+    fs.rm(f"{remote}/r1/shard.bin")
+    with pytest.raises(store.CheckpointError, match="r1/shard.bin: expected 8 bytes, found None"):
+        store.commit(fs, remote, {"step": 2}, 2)
+    fs.put_file(str(local / "r1" / "shard.bin"), f"{remote}/r1/shard.bin")
+    fs.rm(f"{remote}/files/rank_00001.json")
+    with pytest.raises(store.CheckpointError, match="rank 1 did not upload"):
+        store.commit(fs, remote, {"step": 2}, 2)
+    assert store.latest_committed(s3_url, "run") is None
+    fs.put_file(str(local / "files" / "rank_00001.json"), f"{remote}/files/rank_00001.json")
+    store.commit(fs, remote, {"step": 2}, 2)
+    ref = store.latest_committed(s3_url, "run")
+    assert ref.step == 2 and set(ref.manifest["files"]) == {"r0/shard.bin", "r1/shard.bin"}

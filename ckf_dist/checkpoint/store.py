@@ -153,21 +153,28 @@ def resolve_checkpoint(url: str) -> CheckpointRef:
 
 
 def commit(fs, ckpt_path: str, manifest: dict, world_size: int) -> None:
-    """Merge per-rank file lists into the manifest, write it, then the marker (last)."""
-    files: dict[str, dict] = {}
-    for rank in range(world_size):
-        listing = posixpath.join(ckpt_path, "files", f"rank_{rank:05d}.json")
-        try:
-            with fs.open(listing, "r") as f:
-                files.update(json.load(f))
-        except FileNotFoundError:
-            raise CheckpointError(f"{listing}: rank {rank} did not upload its file list; not committing") from None
+    """Merge per-rank file lists into the manifest, write it, then the marker (last).
+
+    Every listed file must be in storage with its listed size. On object stores this costs
+    one concurrent fetch of the rank lists and one recursive listing, not a request per file."""
     fs.invalidate_cache()
+    listings = [posixpath.join(ckpt_path, "files", f"rank_{rank:05d}.json") for rank in range(world_size)]
+    got = fs.cat(listings, on_error="omit")
+    got = {fs._strip_protocol(k): v for k, v in got.items()}
+    files: dict[str, dict] = {}
+    for rank, listing in enumerate(listings):
+        raw = got.get(fs._strip_protocol(listing))
+        if raw is None:
+            raise CheckpointError(f"{listing}: rank {rank} did not upload its file list; not committing")
+        files.update(json.loads(raw))
+    base = fs._strip_protocol(ckpt_path).rstrip("/") + "/"
+    sizes = {k[len(base):]: info.get("size") for k, info in fs.find(ckpt_path, detail=True).items()
+             if k.startswith(base)}
     for rel, meta in files.items():
-        full = posixpath.join(ckpt_path, rel)
-        size = fs.size(full) if fs.exists(full) else None
+        size = sizes.get(rel)
         if size != meta["bytes"]:
-            raise CheckpointError(f"{full}: expected {meta['bytes']} bytes, found {size}; not committing")
+            raise CheckpointError(f"{posixpath.join(ckpt_path, rel)}: expected {meta['bytes']} bytes, found {size}; "
+                                  "not committing")
     manifest = dict(manifest, files=files, schema=CHECKPOINT_SCHEMA)
     with fs.open(posixpath.join(ckpt_path, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
@@ -220,5 +227,8 @@ def apply_retention(storage_url: str, run_name: str, num_to_keep: int) -> list[s
     keep = {p for _, p in committed[-num_to_keep:]}
     doomed = [p for s, p in steps if p not in keep and s <= newest]
     for p in doomed:
+        marker = posixpath.join(p, COMMIT_MARKER)
+        if fs.exists(marker):
+            fs.rm(marker)          # uncommitted first: a delete cut short never leaves a "committed" partial
         fs.rm(p, recursive=True)
     return doomed

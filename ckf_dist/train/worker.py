@@ -13,7 +13,9 @@ import os
 import random
 import shutil
 import signal
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +75,7 @@ class Worker:
         self.replay = os.environ.get("CKF_REPLAY", "")
         self.step = 0
         self.log = MetricsLog(cfg, rank)
+        self._retention: threading.Thread | None = None
 
     # ------------------------------------------------------------------ build
     def build(self) -> None:
@@ -231,6 +234,7 @@ class Worker:
             if self.step % tcfg.save_every == 0 or self.step == self.total_steps:
                 self.save()
             self._maybe_fault()
+        self.join_retention()
         self.log.close()
         return {"step": self.step}
 
@@ -261,11 +265,28 @@ class Worker:
                              "transformers": transformers.__version__},
                 "metrics": self.log.last,
             }
+            self.join_retention()
             store.commit(fs, path, manifest, self.world)
-            store.apply_retention(self.cfg.train.storage, self.cfg.run_name, self.cfg.train.num_to_keep)
+            # Deleting older checkpoints never blocks training: it runs beside the next steps,
+            # and the next commit (or the end of the run) waits for it.
+            self._retention = threading.Thread(target=self._apply_retention, name="ckf-retention")
+            self._retention.start()
             print(f"[ckf] checkpoint committed: step {self.step} -> {path}", flush=True)
         barrier()
         shutil.rmtree(stage, ignore_errors=True)
+
+    def _apply_retention(self) -> None:
+        try:
+            store.apply_retention(self.cfg.train.storage, self.cfg.run_name, self.cfg.train.num_to_keep)
+        except Exception as e:  # an old checkpoint left behind is not worth failing a run for
+            warnings.warn(f"checkpoint retention failed (older checkpoints kept): {type(e).__name__}: {e}",
+                          stacklevel=1)
+
+    def join_retention(self) -> None:
+        """Wait for the previous save's retention, if it is still deleting."""
+        if self._retention is not None:
+            self._retention.join()
+            self._retention = None
 
     def _maybe_fault(self) -> None:
         f = self.fault

@@ -217,6 +217,11 @@ def test_lora_dropout_keeps_one_minus_p_and_scales():
     both = ((pairs[:, 0] == 0) & (pairs[:, 1] == 0)).float().mean().item()
     assert abs(both - 0.01) < 0.003
     assert lora_dropout(x, 0.1, False) == (x, 1.0)
+    for p in (0.05, 0.3, 0.5, 0.9):                   # both halves of a draw drop at rate p, at any p
+        xd, scale = lora_dropout(x, p, True)
+        for half in (xd[:, ::2], xd[:, 1::2]):
+            assert abs((half == 0).float().mean().item() - p) < 0.006, (p, (half == 0).float().mean())
+        assert scale == pytest.approx(1 / (1 - p), rel=1e-3)
 
 
 def test_kernel_wiring_uses_the_per_token_contract(monkeypatch):

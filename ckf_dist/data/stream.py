@@ -67,7 +67,8 @@ def shuffle_buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.nd
     j = rng.integers(0, buffer, size=steps)
     if steps == 0:
         return rng.permutation(np.arange(buffer))
-    by_slot = np.argsort(j, kind="stable")                  # steps grouped by slot, in time order
+    narrow = np.int16 if buffer <= np.iinfo(np.int16).max else np.int32     # a stable sort of 16-bit keys is a radix sort
+    by_slot = np.argsort(j.astype(narrow, copy=False), kind="stable")       # steps grouped by slot, in time order
     js = j[by_slot]
     same_slot = np.r_[False, js[1:] == js[:-1]]
     prev = np.full(steps, -1, dtype=np.int64)
@@ -81,6 +82,11 @@ def shuffle_buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.nd
     return out
 
 
+def _one_chunk(col: pa.ChunkedArray) -> pa.Array:
+    """The column as one array: its only chunk as is (a shard has one row group), else concatenated."""
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+
+
 class _Columns:
     """A decoded shard: flat numpy buffers and offsets per list column, Python lists for scalars."""
 
@@ -91,9 +97,9 @@ class _Columns:
         self.scalars: dict[str, list] = {}          # filled per column on first access
         self.lists = {}
         for c in _LIST:
-            arr = table.column(c).combine_chunks()
+            arr = _one_chunk(table.column(c))
             self.lists[c] = (arr.values.to_numpy(zero_copy_only=False), arr.offsets.to_numpy())
-        cand = table.column("cand_ids").combine_chunks()
+        cand = _one_chunk(table.column("cand_ids"))
         inner = cand.values
         self.cand = (cand.offsets.to_numpy(), inner.offsets.to_numpy(), inner.values.to_numpy(zero_copy_only=False))
 
@@ -214,15 +220,21 @@ class ShardStream:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Global row indices (into the split's concatenated shards) this rank yields in ``epoch``."""
+        return self._epoch_plan(epoch)[0]
+
+    def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(global row indices, shard of each)`` this rank yields in ``epoch``, in order."""
         n_shards = len(self.shards)
         shuffle = self.shuffle_buffer > 1
         perm = np.random.default_rng([self.seed, epoch, 7]).permutation(n_shards) if shuffle else np.arange(n_shards)
         seq = np.concatenate([np.arange(self._offsets[s], self._offsets[s + 1]) for s in perm])
+        seq_shard = np.repeat(perm, np.diff(self._offsets)[perm])        # the shard of each row of seq
         base, extra = divmod(self.total_rows, self.world_size)
         start = self.rank * base + (0 if self.drop_remainder else min(self.rank, extra))
-        mine = seq[start:start + self.rows_per_rank(epoch)]
+        stop = start + self.rows_per_rank(epoch)
         rng = np.random.default_rng([self.seed, epoch, 1000 + self.rank])
-        return mine[shuffle_buffer_order(len(mine), self.shuffle_buffer, rng)]
+        order = shuffle_buffer_order(stop - start, self.shuffle_buffer, rng)
+        return seq[start:stop][order], seq_shard[start:stop][order]
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its first row."""
@@ -257,15 +269,16 @@ class ShardStream:
     def __iter__(self):
         self._normalize()
         base = self.position = self.position          # freeze a position left inside an abandoned chunk
-        order = self.epoch_order(self.epoch)[base:]
-        shard_of = np.searchsorted(self._offsets, order, side="right") - 1
+        order, shard_of = self._epoch_plan(self.epoch)
+        order, shard_of = order[base:], shard_of[base:]
         local = (order - self._offsets[shard_of]).tolist()
         loader = _Loader(self, shard_of)
         try:
             for start in range(0, len(local), CHUNK_ROWS):
                 end = min(len(local), start + CHUNK_ROWS)
-                cols = loader.get(shard_of[start:end])
-                rows = list(map(Row, zip(map(cols.__getitem__, shard_of[start:end].tolist()), local[start:end])))
+                chunk = shard_of[start:end].tolist()
+                cols = loader.get(chunk)
+                rows = list(map(Row, zip(map(cols.__getitem__, chunk), local[start:end])))
                 loader.evict(end)
                 it = iter(rows)
                 self._chunk = (base + end, it)
@@ -297,7 +310,7 @@ class _Loader:
         self.pool = (ThreadPoolExecutor(max_workers=min(self.prefetch, 4), thread_name_prefix="ckf-prefetch")
                      if self.prefetch else None)
 
-    def get(self, shards: np.ndarray) -> dict[int, _Columns]:
+    def get(self, shards: list[int]) -> dict[int, _Columns]:
         """Decoded columns of every shard in ``shards`` (waiting for or loading the missing ones)."""
         while self.pool is not None and self.ahead < len(self.need) and len(self.pending) < self.prefetch:
             s = self.need[self.ahead]
@@ -305,7 +318,7 @@ class _Loader:
             if s not in self.started:
                 self.started.add(s)
                 self.pending[s] = self.pool.submit(self.load, s)
-        for s in np.unique(shards).tolist():
+        for s in dict.fromkeys(shards):         # distinct, in order (a chunk spans a few shards)
             if s not in self.loaded:
                 self.started.add(s)
                 fut = self.pending.pop(s, None)

@@ -144,7 +144,7 @@ def main() -> None:
     from ckf_dist.train import checkpointing
     for mod, attr, label in [(checkpointing, "gathered_trainable_state", "gather export"),
                              (checkpointing, "save_file", "write safetensors"),
-                             (store, "hash_tree", "sha256"), (store, "commit", "commit"),
+                             (store, "hash_tree", "sha256 (beside upload)"), (store, "commit", "commit"),
                              (store, "apply_retention", "retention (background)")]:
         setattr(mod, attr, timed_phase(label, getattr(mod, attr)))
 

@@ -1,17 +1,21 @@
 """Save and restore one worker's share of a training checkpoint.
 
-Each rank writes its files into a local staging folder, hashes them, and hands the folder
-to an *uploader* (``ray.train.report`` inside Ray, a plain fsspec upload outside it). After
-every rank has uploaded, rank 0 commits (manifest, then marker). See ``checkpoint.store``.
+Each rank writes its files into a local staging folder and hands the folder to an
+*uploader* (``ray.train.report`` inside Ray, a plain fsspec upload outside it) while a
+thread hashes the same files; then it puts its file list (sha256 and size of each file)
+beside them. After every rank has done so, rank 0 commits (manifest, then marker). See
+``checkpoint.store``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import posixpath
 import random
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -93,9 +97,12 @@ def frozen_tensors_dropped(module: torch.nn.Module):
 
 def save_worker_checkpoint(
     engine, *, step: int, rank: int, world_size: int, worker_state: dict, export_dtype: torch.dtype,
-    rank0_files: dict[str, str], uploader: Uploader, metrics: dict,
+    rank0_files: dict[str, str], uploader: Uploader, metrics: dict, ckpt_url: str,
 ) -> Path:
     """Write this rank's files for checkpoint ``step`` and upload them; returns the staging folder.
+
+    ``ckpt_url`` is where the uploader puts the folder (``<storage>/<run>/<step dir>``): this
+    rank's file list (sha256 and size of each file) goes to ``files/rank_R.json`` there.
 
     ``rank0_files`` maps relative names to text contents that rank 0 adds (config, metrics log).
     """
@@ -116,10 +123,15 @@ def save_worker_checkpoint(
     (stage / "state").mkdir(exist_ok=True)
     (stage / "state" / f"rank_{rank:05d}.json").write_text(json.dumps({"rank": rank, "rng": meta, **worker_state}))
     save_file(tensors, str(stage / "state" / f"rng_rank_{rank:05d}.safetensors"))
-    listing = store.hash_tree(stage)
-    (stage / "files").mkdir()
-    (stage / "files" / f"rank_{rank:05d}.json").write_text(json.dumps(listing))
-    uploader(stage, name, metrics)
+    # Hash beside the upload (both only read the staged files; hashlib releases the GIL), then
+    # put this rank's file list next to its files: the commit reads it after every rank is done.
+    with ThreadPoolExecutor(1, thread_name_prefix="ckf-hash") as pool:
+        hashing = pool.submit(store.hash_tree, stage)
+        uploader(stage, name, metrics)
+        listing = hashing.result()
+    fs, path = store.open_store(ckpt_url)
+    fs.makedirs(posixpath.join(path, "files"), exist_ok=True)
+    fs.pipe_file(posixpath.join(path, "files", f"rank_{rank:05d}.json"), json.dumps(listing).encode())
     return stage
 
 

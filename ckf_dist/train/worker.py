@@ -249,7 +249,8 @@ class Worker:
         stage = save_worker_checkpoint(
             self.engine, step=self.step, rank=self.rank, world_size=self.world, worker_state=worker_state,
             export_dtype=DTYPES[self.cfg.train.export_dtype], rank0_files=rank0_files,
-            uploader=self.uploader, metrics=self.log.last)
+            uploader=self.uploader, metrics=self.log.last,
+            ckpt_url=f"{self.cfg.train.storage.rstrip('/')}/{self.cfg.run_name}/{store.step_dir_name(self.step)}")
         barrier()  # every rank's files are in storage before the marker
         if self.rank == 0:
             fs, root = store.open_store(self.cfg.train.storage)
@@ -328,7 +329,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     def ray_uploader(folder: Path, name: str, metrics: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-                         checkpoint_dir_name=name)
+                         checkpoint_dir_name=name, delete_local_checkpoint_after_upload=False)
 
     run_worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), ray_uploader, os.environ.get("CKF_FAULT", ""))
 

@@ -159,13 +159,16 @@ def commit(fs, ckpt_path: str, manifest: dict, world_size: int) -> None:
     one concurrent fetch of the rank lists and one recursive listing, not a request per file."""
     fs.invalidate_cache()
     listings = [posixpath.join(ckpt_path, "files", f"rank_{rank:05d}.json") for rank in range(world_size)]
-    got = fs.cat(listings, on_error="omit")
+    got = fs.cat(listings, on_error="return")
     got = {fs._strip_protocol(k): v for k, v in got.items()}
     files: dict[str, dict] = {}
     for rank, listing in enumerate(listings):
         raw = got.get(fs._strip_protocol(listing))
-        if raw is None:
+        if raw is None or isinstance(raw, FileNotFoundError):
             raise CheckpointError(f"{listing}: rank {rank} did not upload its file list; not committing")
+        if isinstance(raw, Exception):
+            raise CheckpointError(f"{listing}: cannot read rank {rank}'s file list ({type(raw).__name__}: {raw}); "
+                                  "not committing")
         files.update(json.loads(raw))
     base = fs._strip_protocol(ckpt_path).rstrip("/") + "/"
     sizes = {k[len(base):]: info.get("size") for k, info in fs.find(ckpt_path, detail=True).items()

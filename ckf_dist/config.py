@@ -44,8 +44,9 @@ class CKFConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
-        if not self.run_name or "/" in self.run_name:
-            raise ValueError(f"run_name: must be a non-empty name without '/', got {self.run_name!r}")
+        if not self.run_name or any(c in self.run_name for c in "/[]*?"):
+            raise ValueError(f"run_name: must be a non-empty name without '/' or the glob characters '[', ']', "
+                             f"'*', '?' (it becomes a storage folder), got {self.run_name!r}")
 
 
 # --------------------------------------------------------------------------- typing

@@ -111,6 +111,9 @@ def test_commit_on_s3_checks_every_listed_file(s3_url, tmp_path):
     with pytest.raises(store.CheckpointError, match="rank 1 did not upload"):
         store.commit(fs, remote, {"step": 2}, 2)
     assert store.latest_committed(s3_url, "run") is None
+    fs.pipe(f"{remote}/files/rank_00001.json", b'{"r1/shard.bin": ')     # truncated upload of the list
+    with pytest.raises(store.CheckpointError, match="rank 1's file list is not valid JSON"):
+        store.commit(fs, remote, {"step": 2}, 2)
     fs.put_file(str(local / "files" / "rank_00001.json"), f"{remote}/files/rank_00001.json")
     store.commit(fs, remote, {"step": 2}, 2)
     ref = store.latest_committed(s3_url, "run")

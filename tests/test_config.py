@@ -70,6 +70,8 @@ def test_wrong_type_names_key_and_file(tmp_path, text, key):
     ("data:\n  source: amazon2018\n", "data.path"),
     ("cf:\n  dim: 0\n", "cf.dim"),
     ("cf:\n  eval_negatives: 0\n", "cf.eval_negatives"),
+    ("run_name: sweep[3]\n", "run_name"),
+    ("train:\n  storage: s3://bucket/exp*\n", "train.storage"),
 ])
 def test_impossible_value_names_key_and_file(tmp_path, text, key):
     path = _write(tmp_path, text)

@@ -24,6 +24,7 @@ import json
 import os
 import posixpath
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,17 +160,28 @@ def commit(fs, ckpt_path: str, manifest: dict, world_size: int) -> None:
     one concurrent fetch of the rank lists and one recursive listing, not a request per file."""
     fs.invalidate_cache()
     listings = [posixpath.join(ckpt_path, "files", f"rank_{rank:05d}.json") for rank in range(world_size)]
-    got = fs.cat(listings, on_error="return")
-    got = {fs._strip_protocol(k): v for k, v in got.items()}
+
+    def read(listing: str):   # cat_file reads the path literally (``cat`` would glob "[", "*", "?")
+        try:
+            return fs.cat_file(listing)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # reported per rank below
+            return exc
+
+    with ThreadPoolExecutor(min(16, max(1, world_size)), thread_name_prefix="ckf-commit") as pool:
+        raws = list(pool.map(read, listings))
     files: dict[str, dict] = {}
-    for rank, listing in enumerate(listings):
-        raw = got.get(fs._strip_protocol(listing))
-        if raw is None or isinstance(raw, FileNotFoundError):
+    for rank, (listing, raw) in enumerate(zip(listings, raws)):
+        if raw is None:
             raise CheckpointError(f"{listing}: rank {rank} did not upload its file list; not committing")
         if isinstance(raw, Exception):
             raise CheckpointError(f"{listing}: cannot read rank {rank}'s file list ({type(raw).__name__}: {raw}); "
                                   "not committing")
-        files.update(json.loads(raw))
+        try:
+            files.update(json.loads(raw))
+        except ValueError as exc:
+            raise CheckpointError(f"{listing}: rank {rank}'s file list is not valid JSON ({exc}); not committing") from None
     base = fs._strip_protocol(ckpt_path).rstrip("/") + "/"
     sizes = {k[len(base):]: info.get("size") for k, info in fs.find(ckpt_path, detail=True).items()
              if k.startswith(base)}

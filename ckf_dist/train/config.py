@@ -60,3 +60,6 @@ class TrainConfig:
             raise ValueError(f"save_every: must be >= 1, got {self.save_every}")
         if self.num_to_keep < 1:
             raise ValueError(f"num_to_keep: must be >= 1, got {self.num_to_keep}")
+        if any(c in self.storage for c in "[]*?"):
+            raise ValueError(f"storage: fsspec reads '[', ']', '*' and '?' as glob patterns when it lists and "
+                             f"deletes checkpoints; use a path without them, got {self.storage!r}")

@@ -329,7 +329,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     def ray_uploader(folder: Path, name: str, metrics: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-                         checkpoint_dir_name=name, delete_local_checkpoint_after_upload=False)
+                         checkpoint_dir_name=name)   # synchronous: the staged folder stays (hashed meanwhile)
 
     run_worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), ray_uploader, os.environ.get("CKF_FAULT", ""))
 

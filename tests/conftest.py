@@ -63,13 +63,9 @@ def _ray_without_token_auth():
     """Ray (>= 2.52) turns token auth on for a new local cluster and writes ~/.ray/auth_token,
     after which every later `ray start` on the machine requires the token. The tests' clusters
     are loopback-only and short-lived: keep them independent of whatever ran before."""
-    old = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    yield
-    if old is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -85,17 +81,13 @@ def s3_server(tmp_path_factory):
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
     try:
         _wait_for_port(port, proc, log)
-        os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
-        yield endpoint
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
+                mp.setenv(k, v)
+            yield endpoint
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         proc.terminate()
         try:
             proc.wait(timeout=10)
@@ -226,23 +218,19 @@ def _save_zero_shards(model, ds_dir: Path, tag: str) -> None:
     import torch.distributed as dist
 
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    saved = {k: os.environ.get(k) for k in env}
     owns_group = not (dist.is_available() and dist.is_initialized())
-    os.environ.update(env)
-    try:
-        deepspeed.init_distributed(dist_backend="gloo")
-        params = [p for p in model.parameters() if p.requires_grad]
-        config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-                  "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=1e-4),
-                                               config=config, model_parameters=params)
-        engine.save_checkpoint(str(ds_dir), tag=tag, exclude_frozen_parameters=True, save_latest=True)
-        engine.destroy()
-    finally:
-        if owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        try:
+            deepspeed.init_distributed(dist_backend="gloo")
+            params = [p for p in model.parameters() if p.requires_grad]
+            config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                      "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=1e-4),
+                                                   config=config, model_parameters=params)
+            engine.save_checkpoint(str(ds_dir), tag=tag, exclude_frozen_parameters=True, save_latest=True)
+            engine.destroy()
+        finally:
+            if owns_group and dist.is_initialized():
+                dist.destroy_process_group()

@@ -26,15 +26,11 @@ from ckf_dist.kernels import (KernelConfig, make_routing, multi_lora_reference, 
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    ml.POISON_BUFFERS = True
-    yield
-    ml.POISON_BUFFERS = False
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        ml.POISON_BUFFERS = True
+        yield
+        ml.POISON_BUFFERS = False
 
 
 def rel(a: torch.Tensor, ref: torch.Tensor) -> float:

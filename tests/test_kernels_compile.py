@@ -9,7 +9,6 @@ the SASS). Register use and spills are printed (``-s``) for tuning; they are not
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -33,14 +32,11 @@ def compiled_module():
         pytest.skip("triton wheel without the NVIDIA ptxas")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    old = os.environ.pop("TRITON_INTERPRET", None)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TRITON_INTERPRET", raising=False)
         spec = importlib.util.spec_from_file_location("_ckf_kernels_sm90", KERNELS)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-    finally:
-        if old is not None:
-            os.environ["TRITON_INTERPRET"] = old
     return mod, ASTSource, GPUTarget("cuda", 90, 32)
 
 

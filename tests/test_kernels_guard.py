@@ -37,13 +37,9 @@ GPU_CFG = KernelConfig(block_m=16, block_k=128, block_n=64, block_d=64, block_dm
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
 
 
 def _fill(dtype):

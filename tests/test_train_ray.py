@@ -44,10 +44,9 @@ def train_cfg(data_url: str, storage: str, run_name: str, **train):
     }, "<test_train_ray>")
 
 
-def run(cfg, monkeypatch, tmp: Path, **env) -> tuple[dict, Path]:
+def run(cfg, tmp: Path, **env) -> tuple[dict, Path]:
     """``ckf train`` in a fresh process, as a user runs it: its own local Ray cluster (loopback),
     the environment of this test (S3 endpoint and credentials) plus ``env``; bounded in time."""
-    del monkeypatch  # the child gets its environment explicitly
     log = tmp / f"samples-{cfg.run_name}"
     log.mkdir(parents=True, exist_ok=True)
     config = tmp / f"{cfg.run_name}-{uuid.uuid4().hex[:6]}.yaml"
@@ -88,31 +87,22 @@ def assert_close_states(a: dict, b: dict, rtol: float, atol: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_local(s3_server):
-    """The S3 server must be up (and its environment set) before any run starts."""
-    return s3_server
-
-
-@pytest.fixture(scope="module")
-def runs(ray_local, prepared_dataset, tmp_path_factory):
+def runs(s3_server, prepared_dataset, tmp_path_factory):
+    """The runs the tests below share; the S3 server (and its environment) is up before the first."""
     from conftest import make_bucket
 
-    mp = pytest.MonkeyPatch()
     tmp = tmp_path_factory.mktemp("train")
     bucket = make_bucket(f"ckf-train-{uuid.uuid4().hex[:8]}")
     out = {"bucket": bucket, "tmp": tmp, "data": prepared_dataset.url}
-    try:
-        out["base"] = run(train_cfg(prepared_dataset.url, bucket, "base"), mp, tmp)
-        once = tmp / "killed-once"
-        # Local storage for the killed run: a SIGKILLed client can leave the moto server (a
-        # development server) blocked on a half-sent request for minutes, which real S3 is not.
-        out["killed"] = run(train_cfg(prepared_dataset.url, str(tmp / "killed-ckpt"), "killed", max_failures=1),
-                            mp, tmp, CKF_FAULT=f"kill@3:rank=1:once={once}")
-        out["killed_once"] = once
-        out["one"] = run(train_cfg(prepared_dataset.url, str(tmp / "local-ckpt"), "one", num_workers=1,
-                                   micro_batch_size=4), mp, tmp, CKF_REPLAY=str(out["base"][1]))
-    finally:
-        mp.undo()
+    out["base"] = run(train_cfg(prepared_dataset.url, bucket, "base"), tmp)
+    once = tmp / "killed-once"
+    # Local storage for the killed run: a SIGKILLed client can leave the moto server (a
+    # development server) blocked on a half-sent request for minutes, which real S3 is not.
+    out["killed"] = run(train_cfg(prepared_dataset.url, str(tmp / "killed-ckpt"), "killed", max_failures=1),
+                        tmp, CKF_FAULT=f"kill@3:rank=1:once={once}")
+    out["killed_once"] = once
+    out["one"] = run(train_cfg(prepared_dataset.url, str(tmp / "local-ckpt"), "one", num_workers=1,
+                               micro_batch_size=4), tmp, CKF_REPLAY=str(out["base"][1]))
     return out
 
 
@@ -163,21 +153,21 @@ def test_two_workers_match_one_worker_on_the_same_global_batches(runs):
     assert_close_states(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_rerun_resumes_from_latest_commit_and_ignores_uncommitted(runs, monkeypatch):
+def test_rerun_resumes_from_latest_commit_and_ignores_uncommitted(runs):
     bucket, tmp = runs["bucket"], runs["tmp"]
     fs, root = store.open_store(bucket)
     # an interrupted save: files, even a manifest, but no commit marker
     fs.pipe(f"{root}/base/step_00000005/manifest.json", b'{"step": 5}')
     fs.pipe(f"{root}/base/step_00000005/export/trainable.safetensors", b"garbage")
     assert store.latest_committed(bucket, "base").step == 4
-    result, log = run(train_cfg(runs["data"], bucket, "base", max_steps=6), monkeypatch, tmp / "rerun")
+    result, log = run(train_cfg(runs["data"], bucket, "base", max_steps=6), tmp / "rerun")
     assert result["step"] == 6
     steps = sorted({r["step"] for r in sample_records(log)})
     assert steps == [4, 5], f"the rerun trained steps {steps}, not just the missing ones"
     assert store.latest_committed(bucket, "base").step == 6
 
 
-def test_zero3_two_workers_export_is_full_shaped(ray_local, prepared_dataset, tmp_path, monkeypatch):
+def test_zero3_two_workers_export_is_full_shaped(s3_server, prepared_dataset, tmp_path):
     from ckf_dist.data import load_cf_tables
     from ckf_dist.model import build_ckf_model, load_backbone
 
@@ -185,7 +175,7 @@ def test_zero3_two_workers_export_is_full_shaped(ray_local, prepared_dataset, tm
 
     bucket = make_bucket(f"ckf-z3-{uuid.uuid4().hex[:8]}")
     cfg = train_cfg(prepared_dataset.url, bucket, "z3", zero_stage=3, max_steps=2)
-    result, _ = run(cfg, monkeypatch, tmp_path)
+    result, _ = run(cfg, tmp_path)
     ref = store.resolve_checkpoint(result["checkpoint"])
     assert ref.manifest["zero_stage"] == 3 and ref.manifest["backbone_partitioned_at_load"] is True
     exported = export_of(ref)

@@ -241,9 +241,9 @@ def apply_retention(storage_url: str, run_name: str, num_to_keep: int) -> list[s
     newest = committed[-1][0]
     keep = {p for _, p in committed[-num_to_keep:]}
     doomed = [p for s, p in steps if p not in keep and s <= newest]
+    committed_paths = {p for _, p in committed}
     for p in doomed:
-        marker = posixpath.join(p, COMMIT_MARKER)
-        if fs.exists(marker):
-            fs.rm(marker)          # uncommitted first: a delete cut short never leaves a "committed" partial
+        if p in committed_paths:   # uncommitted first: a delete cut short never leaves a "committed" partial
+            fs.rm(posixpath.join(p, COMMIT_MARKER))
         fs.rm(p, recursive=True)
     return doomed

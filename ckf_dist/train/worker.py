@@ -246,15 +246,14 @@ class Worker:
 
         worker_state = {"step": self.step, "cursor": self.stream.state_dict(), "world_size": self.world}
         rank0_files = {"config.yaml": dump_config(self.cfg), "metrics.jsonl": self.log.jsonl_text()}
+        ckpt_url = f"{self.cfg.train.storage.rstrip('/')}/{self.cfg.run_name}/{store.step_dir_name(self.step)}"
         stage = save_worker_checkpoint(
             self.engine, step=self.step, rank=self.rank, world_size=self.world, worker_state=worker_state,
             export_dtype=DTYPES[self.cfg.train.export_dtype], rank0_files=rank0_files,
-            uploader=self.uploader, metrics=self.log.last,
-            ckpt_url=f"{self.cfg.train.storage.rstrip('/')}/{self.cfg.run_name}/{store.step_dir_name(self.step)}")
+            uploader=self.uploader, metrics=self.log.last, ckpt_url=ckpt_url)
         barrier()  # every rank's files are in storage before the marker
         if self.rank == 0:
-            fs, root = store.open_store(self.cfg.train.storage)
-            path = f"{root}/{self.cfg.run_name}/{store.step_dir_name(self.step)}"
+            fs, path = store.open_store(ckpt_url)
             manifest = {
                 "step": self.step, "total_steps": self.total_steps, "world_size": self.world,
                 "run_name": self.cfg.run_name, "config": config_to_dict(self.cfg),

@@ -271,9 +271,9 @@ class ShardStream:
         base = self.position = self.position          # freeze a position left inside an abandoned chunk
         order, shard_of = self._epoch_plan(self.epoch)
         order, shard_of = order[base:], shard_of[base:]
-        local = (order - self._offsets[shard_of]).tolist()
-        loader = _Loader(self, shard_of)
+        loader = _Loader(self, shard_of)                # starts fetching before the row bookkeeping below
         try:
+            local = (order - self._offsets[shard_of]).tolist()
             for start in range(0, len(local), CHUNK_ROWS):
                 end = min(len(local), start + CHUNK_ROWS)
                 chunk = shard_of[start:end].tolist()
@@ -299,25 +299,36 @@ class _Loader:
 
     def __init__(self, stream: ShardStream, shard_of: np.ndarray):
         self.load, self.prefetch = stream._load, stream.prefetch
-        uniq, firsts = np.unique(shard_of, return_index=True)
-        self.need = uniq[np.argsort(firsts)].tolist()                 # shards in order of first use
-        lasts = len(shard_of) - 1 - np.unique(shard_of[::-1], return_index=True)[1]
-        self.last = dict(zip(uniq.tolist(), lasts.tolist()))
+        # First and last use of each shard, from the runs of equal shards (far fewer than rows:
+        # the shuffle buffer only interleaves neighbouring shards).
+        n = len(shard_of)
+        change = np.flatnonzero(shard_of[1:] != shard_of[:-1]) + 1
+        run_shard = shard_of[np.r_[0, change]] if n else shard_of
+        run_end = np.r_[change, n] - 1
+        uniq, first_run = np.unique(run_shard, return_index=True)
+        self.need = uniq[np.argsort(first_run)].tolist()              # shards in order of first use
+        last_run = len(run_shard) - 1 - np.unique(run_shard[::-1], return_index=True)[1]
+        self.last = dict(zip(uniq.tolist(), run_end[last_run].tolist()))
         self.ahead = 0
         self.pending: dict[int, Future] = {}
         self.loaded: dict[int, _Columns] = {}
         self.started: set[int] = set()                                # each shard is read once per pass
         self.pool = (ThreadPoolExecutor(max_workers=min(self.prefetch, 4), thread_name_prefix="ckf-prefetch")
                      if self.prefetch else None)
+        self._submit()
 
-    def get(self, shards: list[int]) -> dict[int, _Columns]:
-        """Decoded columns of every shard in ``shards`` (waiting for or loading the missing ones)."""
+    def _submit(self) -> None:
+        """Keep ``prefetch`` shards in flight, in order of first use."""
         while self.pool is not None and self.ahead < len(self.need) and len(self.pending) < self.prefetch:
             s = self.need[self.ahead]
             self.ahead += 1
             if s not in self.started:
                 self.started.add(s)
                 self.pending[s] = self.pool.submit(self.load, s)
+
+    def get(self, shards: list[int]) -> dict[int, _Columns]:
+        """Decoded columns of every shard in ``shards`` (waiting for or loading the missing ones)."""
+        self._submit()
         for s in dict.fromkeys(shards):         # distinct, in order (a chunk spans a few shards)
             if s not in self.loaded:
                 self.started.add(s)

@@ -102,7 +102,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="", help="a prepared dataset on local disk (default: prepare MovieLens-100k into a temp dir)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--prefetch", type=int, default=4)
+    ap.add_argument("--prefetch", type=int, default=8, help="shards decoded ahead (ShardStream's default)")
     ap.add_argument("--no-s3", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "data_stream.json"))
     args = ap.parse_args()

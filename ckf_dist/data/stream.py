@@ -11,8 +11,10 @@ Order of one epoch (a pure function of seed, epoch, rank, world_size):
 
 Because the order is known, the cursor is just ``(epoch, position)``: ``load_state_dict``
 recomputes the order and yields exactly the rows after ``position``. Shards are fetched,
-sha256-verified and decoded ``prefetch`` shards ahead by background threads (0: inline),
-and dropped after their last row of the epoch (memory ~ shuffle_buffer + prefetch shards).
+sha256-verified and decoded ``prefetch`` shards ahead (default 8; 0: inline) by up to 4
+background threads, and dropped after their last row of the epoch (memory ~ shuffle_buffer
++ prefetch decoded shards). A queue deeper than the thread count keeps every thread busy:
+on 2 cores, 8 ahead streams ~10% faster than 4 (bench/data_stream.py).
 
 Rows are :class:`Row` objects: zero-copy ``Mapping`` views keyed by the shard columns; list
 columns are numpy int32 arrays (int8 for ``slot_kind``), ``cand_ids`` a list of arrays,
@@ -177,7 +179,7 @@ class ShardStream:
     """Iterates one split of a prepared dataset for one rank (see the module docstring)."""
 
     def __init__(self, url: str, split: str, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle_buffer: int = 1024, prefetch: int = 2, storage_options: dict | None = None,
+                 shuffle_buffer: int = 1024, prefetch: int = 8, storage_options: dict | None = None,
                  *, verify: bool = True, drop_remainder: bool = True):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")

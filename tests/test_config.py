@@ -72,6 +72,7 @@ def test_wrong_type_names_key_and_file(tmp_path, text, key):
     ("cf:\n  eval_negatives: 0\n", "cf.eval_negatives"),
     ("run_name: sweep[3]\n", "run_name"),
     ("train:\n  storage: s3://bucket/exp*\n", "train.storage"),
+    ("train:\n  prefetch_shards: -1\n", "train.prefetch_shards"),
 ])
 def test_impossible_value_names_key_and_file(tmp_path, text, key):
     path = _write(tmp_path, text)

@@ -34,6 +34,9 @@ class TrainConfig:
     # all tasks and the seeded shuffle buffer interleaves them (the paper's setting).
     task_sampler: Literal["proportional"] = "proportional"
     shuffle_buffer: int = 1024
+    # Shards each worker fetches, verifies and decodes ahead of the step (up to 4 threads);
+    # memory ~ this many decoded shards (~3 MB each at the default data.shard_rows for ML-100k)
+    prefetch_shards: int = 8
     save_every: int = 50               # optimizer steps between checkpoints
     num_to_keep: int = 2
     max_failures: int = 0
@@ -56,6 +59,9 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ValueError("epochs: set epochs > 0 or max_steps > 0")
+        if self.prefetch_shards < 0:
+            raise ValueError(f"prefetch_shards: must be >= 0 (0: read each shard when it is needed), "
+                             f"got {self.prefetch_shards}")
         if self.save_every < 1:
             raise ValueError(f"save_every: must be >= 1, got {self.save_every}")
         if self.num_to_keep < 1:

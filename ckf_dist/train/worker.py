@@ -91,7 +91,7 @@ class Worker:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() and tcfg.use_gpu else "gloo")
         self.manifest, _, _ = read_manifest(cfg.data.output)
         self.stream = ShardStream(cfg.data.output, split="train", rank=self.rank, world_size=self.world,
-                                  seed=cfg.seed, shuffle_buffer=tcfg.shuffle_buffer)
+                                  seed=cfg.seed, shuffle_buffer=tcfg.shuffle_buffer, prefetch=tcfg.prefetch_shards)
         seed_everything(cfg.seed)
         self.ds_config = build_deepspeed_config(tcfg, self.world, cfg.model.dtype)
         # ZeRO-3: the frozen backbone is partitioned as it loads (no rank holds all of it);

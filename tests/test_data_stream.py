@@ -127,7 +127,7 @@ def test_rows_match_the_stored_shards(url, prepared_dataset):
     assert r["text_ids"].dtype == np.int32 and isinstance(r["task"], str) and "cf_ids" in r and dict(r).keys() == r.keys()
 
 
-@pytest.mark.parametrize("prefetch", [0, 1, 2, 4])
+@pytest.mark.parametrize("prefetch", [0, 1, 2, 4, 8])
 def test_each_shard_is_read_once_per_pass(url, prefetch):
     s = ShardStream(url, "train", 0, 1, seed=3, shuffle_buffer=100, prefetch=prefetch)
     calls = []

@@ -54,6 +54,9 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, dtype: str) -> dic
         if not isinstance(user, dict):
             raise TrainError(f"train.deepspeed_config: {path} must hold a JSON object")
         ds = deep_merge(ds, user)
+        if (ds.get("checkpoint") or {}).get("load_universal"):
+            raise TrainError(f"train.deepspeed_config: {path} sets checkpoint.load_universal; ckf resumes from its own "
+                             f"committed checkpoints (same train.num_workers), not from DeepSpeed universal checkpoints")
         # Keep the batch arithmetic consistent whatever the user overrode.
         ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size
     return ds

@@ -109,6 +109,7 @@ class Worker:
         # fused: one kernel per step over the (ZeRO-flattened) fp32 partition instead of ~10
         # elementwise passes; torch has it on CPU and CUDA (3.5M params on 2 cores: 1.6 ms vs 9.5)
         opt = torch.optim.AdamW(params, lr=tcfg.lr, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay, fused=True)
+        self._adamw = opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.total_steps, tcfg.warmup_ratio))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                     config=self.ds_config, model_parameters=params)
@@ -131,6 +132,10 @@ class Worker:
         if ref is None:
             return False
         state = load_worker_checkpoint(self.engine, ref, self.rank, self.world)
+        # Loading replaces the param groups with the saved ones: a checkpoint written before the
+        # optimizer was fused would otherwise resume on the unfused loop (same math, slower).
+        for group in self._adamw.param_groups:
+            group["fused"], group["foreach"] = True, None
         self.step = int(state["step"])
         self.stream.load_state_dict(state["cursor"])
         self.log.restore(ref)

@@ -1,0 +1,44 @@
+"""The generated DeepSpeed config and a user's DeepSpeed JSON on top of it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ckf_dist.train.config import TrainConfig
+from ckf_dist.train.deepspeed_config import TrainError, build_deepspeed_config
+
+
+def test_generated_config_follows_ours():
+    ds = build_deepspeed_config(TrainConfig(zero_stage=3, micro_batch_size=2, grad_accum=3), 4, "bfloat16")
+    assert ds["train_batch_size"] == 2 * 3 * 4
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["zero_allow_untested_optimizer"] is True      # our client AdamW on every stage
+
+
+def test_user_json_overrides_and_batch_stays_consistent(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 5, "zero_optimization": {"overlap_comm": True}}))
+    ds = build_deepspeed_config(TrainConfig(zero_stage=2, micro_batch_size=2, deepspeed_config=str(path)), 2, "float32")
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
+                                       "reduce_scatter": True}
+    assert ds["train_batch_size"] == 5 * 1 * 2
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"checkpoint": {"load_universal": true}}', "load_universal"),
+])
+def test_bad_user_json_is_refused_naming_the_file(tmp_path, text, match):
+    path = tmp_path / "ds.json"
+    path.write_text(text)
+    with pytest.raises(TrainError, match=match) as err:
+        build_deepspeed_config(TrainConfig(deepspeed_config=str(path)), 1, "float32")
+    assert str(path) in str(err.value)
+
+
+def test_missing_user_json_is_refused(tmp_path):
+    with pytest.raises(TrainError, match="not found"):
+        build_deepspeed_config(TrainConfig(deepspeed_config=str(tmp_path / "nope.json")), 1, "float32")

@@ -24,7 +24,7 @@ from ckf_dist.cf.config import CFConfig
 from ckf_dist.data.config import DataConfig
 from ckf_dist.eval.config import EvalConfig
 from ckf_dist.model.config import ModelConfig
-from ckf_dist.train.config import TrainConfig
+from ckf_dist.train.config import GLOB_CHARS, TrainConfig
 
 
 class ConfigError(ValueError):
@@ -44,7 +44,7 @@ class CKFConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
-        if not self.run_name or any(c in self.run_name for c in "/[]*?"):
+        if not self.run_name or any(c in self.run_name for c in "/" + GLOB_CHARS):
             raise ValueError(f"run_name: must be a non-empty name without '/' or the glob characters '[', ']', "
                              f"'*', '?' (it becomes a storage folder), got {self.run_name!r}")
 

@@ -133,20 +133,20 @@ def lora_dropout(x: torch.Tensor, p: float, training: bool) -> tuple[torch.Tenso
     # int16 uniform on [-2^15, 2^15): P(drop) = thr / 2^16. The compare writes x's dtype directly
     # (a bool mask would be cast to x's dtype on every multiply, forward and backward).
     lowest_kept = threshold - 32768
+    scale = 65536.0 / (65536 - threshold)
     if x.device.type == "cpu":
         seed = int(torch.empty((), dtype=torch.int64, device="cpu").random_())       # torch's CPU generator
-        halves = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]   # 64 random bits = 4 elements
+        bits = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]     # 64 random bits = 4 elements
         np_dtype = _NUMPY_FLOAT.get(x.dtype)
         if np_dtype is not None:    # numpy's compare-and-cast loop: 2x faster than torch.ge(out=float) here
-            keep = torch.from_numpy(np.greater_equal(halves, lowest_kept, out=np.empty(n, np_dtype), casting="unsafe"))
-        else:                       # bfloat16: no numpy dtype
-            keep = torch.ge(torch.from_numpy(halves), lowest_kept, out=torch.empty(n, dtype=x.dtype))
-        keep = keep.view(x.shape)
+            keep = np.greater_equal(bits, lowest_kept, out=np.empty(n, np_dtype), casting="unsafe")
+            return x * torch.from_numpy(keep).view(x.shape), scale
+        halves = torch.from_numpy(bits)                                               # bfloat16: no numpy dtype
     else:
-        bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_(-2**31, 2**31)
-        halves = bits.view(torch.int16)[:n].view(x.shape)
-        keep = torch.ge(halves, lowest_kept, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
-    return x * keep, 65536.0 / (65536 - threshold)
+        halves = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_(-2**31, 2**31)
+        halves = halves.view(torch.int16)[:n]
+    keep = torch.ge(halves.view(x.shape), lowest_kept, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    return x * keep, scale
 
 
 _NUMPY_FLOAT = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}

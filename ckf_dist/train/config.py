@@ -11,6 +11,10 @@ FORWARD_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"
                "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS", "HF_HOME", "CKF_CACHE")
 
 
+# fsspec expands these in the paths it lists and deletes; storage folders must not contain them
+GLOB_CHARS = "[]*?"
+
+
 @dataclass
 class TrainConfig:
     """Ray Train + DeepSpeed ZeRO settings and the optimisation schedule."""
@@ -66,6 +70,6 @@ class TrainConfig:
             raise ValueError(f"save_every: must be >= 1, got {self.save_every}")
         if self.num_to_keep < 1:
             raise ValueError(f"num_to_keep: must be >= 1, got {self.num_to_keep}")
-        if any(c in self.storage for c in "[]*?"):
+        if any(c in self.storage for c in GLOB_CHARS):
             raise ValueError(f"storage: fsspec reads '[', ']', '*' and '?' as glob patterns when it lists and "
                              f"deletes checkpoints; use a path without them, got {self.storage!r}")

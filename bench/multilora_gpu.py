@@ -46,8 +46,9 @@ import torch                                        # noqa: E402
 import torch.nn.functional as F                     # noqa: E402
 
 import ckf_dist.kernels.multi_lora as ml            # noqa: E402
-from ckf_dist.kernels import (KernelConfig, make_routing, multi_lora_naive,  # noqa: E402
-                              multi_lora_reference, multi_lora_triton)
+from ckf_dist.kernels import (KernelConfig, linear_multi_lora_triton, make_routing,  # noqa: E402
+                              multi_lora_naive, multi_lora_reference, multi_lora_triton)
+from ckf_dist.kernels.linear_lora import triton_linear  # noqa: E402
 from multilora_gpu_report import report             # noqa: E402
 from multilora_gpu_train import part_train          # noqa: E402
 
@@ -163,6 +164,23 @@ def part_correctness(res):
             save(res)
             print(f"  {str(shp):42s} {dname}  fused max {max(fe):.2e}  torch max "
                   f"{max(te) if te else float('nan'):.2e}  {'ok' if passed else 'FAIL'}", flush=True)
+    # the projection GEMM with the adapters in its epilogue: y = x W^T + delta, against fp64
+    lin_rows = []
+    for i, shp in enumerate(shapes[:4]):
+        for dname in (["fp32", "fp16", "bf16"] if i < 2 else ["bf16"]):
+            x, w, ids = make(*shp[:6], DT[dname], dist=shp[6], seed=200 + i)
+            base_w = (torch.randn(shp[2], shp[1], device=DEV) * shp[1] ** -0.5).to(DT[dname])
+            dy = torch.randn(shp[0], shp[2], device=DEV).to(DT[dname]).double()
+            leaves = [v for v in [x] + w if v is not None]
+            ref = F.linear(x.double(), base_w.double()) + multi_lora_reference(x, *w, ids, 2.0, 4.0)
+            ref_grads = torch.autograd.grad(ref, leaves, dy)
+            op = (lambda x, *a, **k: linear_multi_lora_triton(x, base_w, None, *a, **k))
+            fe, _ = errors(op, x, w, ids, (2.0, 4.0), dy, ref, ref_grads)
+            passed = all(e < TOL[dname] for e in fe)
+            ok &= passed
+            lin_rows.append(dict(shape=list(shp), dtype=dname, fused_gemm=fe, passed=passed))
+            print(f"  fused GEMM {str(shp):31s} {dname}  max {max(fe):.2e}  {'ok' if passed else 'FAIL'}",
+                  flush=True)
     # fused base add, and bitwise determinism of all gradients
     x, w, ids = make(256 if SMOKE else 2048, 64 if SMOKE else 4096, 64 if SMOKE else 4096, 16, 16, 4,
                      torch.bfloat16, seed=7)
@@ -176,7 +194,8 @@ def part_correctness(res):
     ok &= e_out < TOL["bf16"] and det
     print(f"  out= accumulate bf16 rel {e_out:.2e}; gradients bitwise deterministic: {det}", flush=True)
     ml.POISON_BUFFERS = False
-    res["correctness"] = dict(rows=rows, out_accumulate=e_out, deterministic=det, passed=bool(ok),
+    res["correctness"] = dict(rows=rows, gemm_rows=lin_rows, out_accumulate=e_out, deterministic=det,
+                              passed=bool(ok),
                               torch_path=tname, tolerances=TOL)
 
 
@@ -268,6 +287,7 @@ def part_timing(res, tokens):
                 "torch": lambda: tpath(x, *w, ids, 4.0, 4.0),
                 "naive": lambda: multi_lora_naive(x, *w, ids, 4.0, 4.0)}
         layer = {"base": lambda: F.linear(x, base_w),
+                 "fused_gemm": lambda: linear_multi_lora_triton(x, base_w, None, *w, ids, 4.0, 4.0),
                  "fused_out": lambda: multi_lora_triton(x, *w, ids, 4.0, 4.0, out=F.linear(x, base_w))}
         layer.update({k: (lambda f=f: F.linear(x, base_w) + f()) for k, f in lora.items()})
         timings = {}
@@ -276,6 +296,11 @@ def part_timing(res, tokens):
                 inputs = [x] if name == "base" else [x] + w
                 fb = (lambda f=f, inputs=inputs: torch.autograd.grad(f(), inputs, dy))
                 timings[f"{kind}:{name}"] = (bench_ms(f), bench_ms(fb))
+        # the GEMM of fused_gemm with no adapter, forward only, against cuBLAS (F.linear): the
+        # part of fused_gemm's ratio that is the GEMM's own speed rather than the adapters
+        xd = x.detach()
+        timings["gemm:triton"] = (bench_ms(lambda: triton_linear(xd, base_w)), float("nan"))
+        timings["gemm:cublas"] = (bench_ms(lambda: F.linear(xd, base_w)), float("nan"))
         flops_base = 2 * n * d * d
         flops_lora = 2 * n * 2 * r * (d + d)                     # shrink + expand, shared + task
         bytes_fwd = 2 * (n * d + n * d)                          # x read, y written (bf16)

@@ -20,6 +20,9 @@ def report(res):
         worst = {}
         for row in c["rows"]:
             worst[row["dtype"]] = max(worst.get(row["dtype"], 0.0), max(row["fused"]))
+        for row in c.get("gemm_rows", []):
+            key = row["dtype"] + " (fused GEMM)"
+            worst[key] = max(worst.get(key, 0.0), max(row["fused_gemm"]))
         lines.append("correctness: " + ("PASS" if c["passed"] else "FAIL") + "  worst rel err (fused): " +
                      ", ".join(f"{k} {v:.1e}" for k, v in worst.items()) + f"; out= {c['out_accumulate']:.1e}; "
                      f"deterministic {c['deterministic']}")
@@ -33,7 +36,9 @@ def report(res):
         for row in tm["rows"]:
             tt = row["timings"]
             base_fb = tt["layer:base"][1]
-            for name in ("base", "fused", "fused_out", "fused_routing", "torch", "naive"):
+            for name in ("base", "fused_gemm", "fused", "fused_out", "fused_routing", "torch", "naive"):
+                if f"layer:{name}" not in tt:            # results of older runs
+                    continue
                 f, fb = tt[f"layer:{name}"]
                 bw = ""
                 if f"lora:{name}" in tt:
@@ -44,6 +49,10 @@ def report(res):
             tf = 2 * row["flops_base_fwd"] / base_fb / 1e9
             lines.append(f"        base f+b {tf:.0f} TFLOP/s" + (f" ({100 * tf / ce['matmul_tflops']:.0f}% of "
                                                                "measured matmul)" if ce else ""))
+            if "gemm:triton" in tt:
+                g, cb = tt["gemm:triton"][0], tt["gemm:cublas"][0]
+                lines.append(f"        fused_gemm's GEMM alone (fwd, no adapter) {g:.3f} ms vs cuBLAS {cb:.3f} ms: "
+                             f"{g / cb:.3f}x")
     sw = res.get("sweep")
     if sw:
         good = [r for r in sw["results"] if "fwd_bwd_ms" in r and math.isfinite(r["fwd_bwd_ms"])]
@@ -53,17 +62,22 @@ def report(res):
                          f"{best['fwd_bwd_ms']:.3f} ms with {best['config']}")
     tr = res.get("train")
     if tr:
-        lines.append(f"CKF step (bf16, fused, grad ckpt, B={tr['batch']}, {tr['tokens_per_step']} tokens): "
-                     f"{tr['step_s']:.2f} s, {tr['tokens_per_s']:.0f} tok/s, MFU {100 * tr['mfu_vs_989']:.1f}% "
-                     f"of 989 TFLOP/s" + (f" / {100 * tr['mfu_vs_measured']:.1f}% of measured"
-                                          if tr.get("mfu_vs_measured") else "") +
-                     f", peak {tr['peak_mem_gib']:.1f} GiB, fused calls/step {tr['fused_calls_per_step']}, "
-                     f"torch path {tr['torch_path_step_s']:.2f} s; dropout-0 agreement: loss fused/token/torch "
-                     f"{tr['fused_vs_torch']['loss_fused']:.4f}/{tr['fused_vs_torch'].get('loss_token', float('nan')):.4f}"
-                     f"/{tr['fused_vs_torch']['loss_torch']:.4f}, grads rel diff fused-torch "
-                     f"{tr['fused_vs_torch']['grad_rel_diff']:.1e}, fused-token "
-                     f"{tr['fused_vs_torch'].get('grad_rel_fused_vs_token', float('nan')):.1e}, token-torch (bf16 noise "
-                     f"floor) {tr['fused_vs_torch'].get('grad_rel_token_vs_torch', float('nan')):.1e}" + (f"  !! {tr['warning']}" if "warning" in tr else ""))
+        ag = tr["fused_vs_torch"]
+        nan = float("nan")
+        parts = [f"CKF step (bf16, fused, grad ckpt, B={tr['batch']}, {tr['tokens_per_step']} tokens): "
+                 f"{tr['step_s']:.2f} s, {tr['tokens_per_s']:.0f} tok/s, MFU {100 * tr['mfu_vs_989']:.1f}% of 989 TFLOP/s"
+                 + (f" / {100 * tr['mfu_vs_measured']:.1f}% of measured" if tr.get("mfu_vs_measured") else ""),
+                 f"peak {tr['peak_mem_gib']:.1f} GiB", f"fused calls/step {tr['fused_calls_per_step']}"]
+        if tr.get("side_op_step_s"):
+            parts.append(f"separate adapter op {tr['side_op_step_s']:.2f} s")
+        parts.append(f"torch path {tr['torch_path_step_s']:.2f} s; dropout-0 agreement: loss fused/"
+                     f"fused_gemm/token/torch {ag['loss_fused']:.4f}/{ag.get('loss_fused_gemm', nan):.4f}/"
+                     f"{ag.get('loss_token', nan):.4f}/{ag['loss_torch']:.4f}")
+        parts.append(f"grads rel diff fused-torch {ag['grad_rel_diff']:.1e}, fused_gemm-torch "
+                     f"{ag.get('grad_rel_fused_gemm_vs_torch', nan):.1e}, fused-token "
+                     f"{ag.get('grad_rel_fused_vs_token', nan):.1e}, token-torch (bf16 noise floor) "
+                     f"{ag.get('grad_rel_token_vs_torch', nan):.1e}")
+        lines.append(", ".join(parts) + (f"  !! {tr['warning']}" if "warning" in tr else ""))
     bi = res.get("bisect")
     if bi:
         lines.append("bisect " + str(tuple(bi["case"])) + ": " + "; ".join(

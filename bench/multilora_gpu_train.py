@@ -1,6 +1,7 @@
 """Part ``train`` of bench/multilora_gpu.py: one CKF training step (bf16, fused kernels, gradient
 checkpointing, both streams, AdamW) on a randomly initialised Llama-2-7B-shaped backbone:
-tokens/s, MFU, peak memory, and the same step on the torch path.
+tokens/s, MFU, peak memory (step_s: the shipped default, base GEMM and adapters in one op),
+and the same step with the separate adapter op (side_op_step_s) and on the torch path.
 
 Imported by bench/multilora_gpu.py after it has set TRITON_INTERPRET for ``--cpu-smoke``.
 """
@@ -43,17 +44,19 @@ def part_train(res, batch_size, prompt_len, *, smoke: bool, dev: str):
     """One CKF step through ckf_dist.model (fused kernels) and the same step on the torch path."""
     from ckf_dist.model import LoraConfig, ModelConfig, build_ckf_model
     from ckf_dist.model.testing import randomize_adapters, synthetic_batch
+    import ckf_dist.model.multi_lora as mml
     calls = {"n": 0}
-    real = K.multi_lora_triton
+    real = {name: getattr(K, name) for name in ("multi_lora_triton", "linear_multi_lora_triton")}
 
-    def counted(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
-    K.multi_lora_triton = counted                            # the model looks it up per call
-    if smoke:                                                # the model uses the fused op on CUDA only
-        import ckf_dist.model.multi_lora as mml
-        if hasattr(mml.MultiLoraLinear, "_kernel"):
-            mml.MultiLoraLinear._kernel = lambda self, x: K.multi_lora_triton if self.fused_kernels else None
+    def counter(op):
+        def counted(*a, **k):
+            calls["n"] += 1
+            return op(*a, **k)
+        return counted
+    for name, op in real.items():                            # the model looks them up per call
+        setattr(K, name, counter(op))
+    if smoke:                                                # the model uses the fused ops on CUDA only
+        mml._kernel_device = lambda x: True
     t0 = time.time()
     backbone = build_backbone(smoke, dev)
     mcfg = ModelConfig(backbone="bench-random-llama", dtype="bfloat16", gradient_checkpointing=True,
@@ -94,20 +97,21 @@ def part_train(res, batch_size, prompt_len, *, smoke: bool, dev: str):
         (checkpointing bounds the memory). path: "fused" (Triton op per token), "token" (the torch
         per-token contract op in the same place, same bf16 roundings: y + delta) or "torch" (the
         model's torch path: per-sample batched LoRA with the base add fused)."""
-        import ckf_dist.model.multi_lora as mml
         from ckf_dist.model.multi_lora import multi_lora_torch
-        drop, saved_kernel = {}, mml.MultiLoraLinear._kernel
+        drop, saved = {}, (mml.MultiLoraLinear._kernel, mml.MultiLoraLinear._linear_kernel)
         for layer in model.lora_layers():
-            layer.fused_kernels, drop[layer] = path != "torch", layer.dropout
+            layer.fused_kernels, drop[layer] = path not in ("torch",), layer.dropout
+            layer.fuse_base_gemm = path == "fused_gemm"
             layer.dropout = 0.0
         if path == "token":
             mml.MultiLoraLinear._kernel = lambda self, x: multi_lora_torch
+            mml.MultiLoraLinear._linear_kernel = lambda self, x: None
         try:
             loss, _ = model.loss(batch, step=10, total_steps=100)
             params = model.trainable_parameters()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         finally:
-            mml.MultiLoraLinear._kernel = saved_kernel
+            mml.MultiLoraLinear._kernel, mml.MultiLoraLinear._linear_kernel = saved
             for layer, p in drop.items():
                 layer.dropout = p
         flat = torch.cat([(g if g is not None else torch.zeros_like(p)).float().flatten()
@@ -116,20 +120,25 @@ def part_train(res, batch_size, prompt_len, *, smoke: bool, dev: str):
 
     def rdiff(a, b):
         return float((a - b).norm() / b.norm().clamp_min(1e-30))
-    (lf, gf), (lk, gk), (lt, gt) = (loss_and_grads(p) for p in ("fused", "token", "torch"))
-    agree = dict(loss_fused=lf, loss_token=lk, loss_torch=lt, grad_rel_diff=rdiff(gf, gt),
+    (lf, gf), (lg, gg), (lk, gk), (lt, gt) = (loss_and_grads(p) for p in ("fused", "fused_gemm", "token", "torch"))
+    agree = dict(loss_fused=lf, loss_fused_gemm=lg, loss_token=lk, loss_torch=lt, grad_rel_diff=rdiff(gf, gt),
+                 grad_rel_fused_gemm_vs_torch=rdiff(gg, gt),
                  grad_rel_fused_vs_token=rdiff(gf, gk), grad_rel_token_vs_torch=rdiff(gk, gt),
-                 compares="dropout 0 (no random op), same batch and weights; fused/token/torch LoRA paths")
-    del gf, gk, gt
+                 compares="dropout 0 (no random op), same batch and weights; fused (side op) / fused_gemm "
+                          "(base GEMM + adapters in one op) / token / torch LoRA paths")
+    del gf, gg, gk, gt
     print(f"  fused vs torch path through the model: {agree}", flush=True)
-    for layer in model.lora_layers():
-        layer.fused_kernels = True
-    step()                                                   # warm-up: kernels compile, allocator
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    calls["n"] = 0
-    fused_s, loss = timed(1 if smoke else 3)
-    fused_calls = calls["n"] // (1 if smoke else 3)
+    side_s = None
+    for gemm in (False, True):                               # the shipped default (fused GEMM) last
+        for layer in model.lora_layers():
+            layer.fused_kernels, layer.fuse_base_gemm = True, gemm
+        step()                                               # warm-up: kernels compile and tune, allocator
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        calls["n"] = 0
+        fused_s, loss = timed(1 if smoke else 3)
+        fused_calls = calls["n"] // (1 if smoke else 3)
+        side_s = fused_s if not gemm else side_s
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if dev == "cuda" else float("nan")
     n_layer_params = sum(p.numel() for n, p in backbone.named_parameters()
                          if ".layers." in n and ".lora_" not in n and p.dim() == 2)
@@ -144,10 +153,12 @@ def part_train(res, batch_size, prompt_len, *, smoke: bool, dev: str):
     res["train"] = dict(batch=batch_size, prompt_len=prompt_len, tokens_per_step=tokens, build_s=build_s,
                         step_s=fused_s, tokens_per_s=tokens / fused_s, loss=loss, peak_mem_gib=peak,
                         fused_calls_per_step=fused_calls, torch_path_step_s=torch_s, fused_vs_torch=agree,
+                        side_op_step_s=side_s,
                         flops_per_step=flops, achieved_tflops=flops / fused_s / 1e12,
                         mfu_vs_989=flops / fused_s / 989e12, mfu_vs_measured=(flops / fused_s / 1e12 / peak_ref)
                         if peak_ref else None, layer_params=n_layer_params, lora_params=n_lora)
     if not fused_calls:
-        res["train"]["warning"] = "the model never called multi_lora_triton: this step timed the torch path"
+        res["train"]["warning"] = "the model never called the fused ops: this step timed the torch path"
     print(f"  train: {res['train']}", flush=True)
-    K.multi_lora_triton = real
+    for name, op in real.items():
+        setattr(K, name, op)

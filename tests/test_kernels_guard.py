@@ -29,7 +29,9 @@ import torch
 triton = pytest.importorskip("triton")
 
 import ckf_dist.kernels.multi_lora as ml  # noqa: E402
-from ckf_dist.kernels import KernelConfig, multi_lora_reference, multi_lora_triton  # noqa: E402
+from ckf_dist.kernels import (KernelConfig, linear_multi_lora_triton, multi_lora_reference,  # noqa: E402
+                              multi_lora_triton)
+from ckf_dist.kernels.linear_lora import _LinearLoraFn  # noqa: E402
 
 G = 97            # guard elements on each side (odd, so views are misaligned too)
 GPU_CFG = KernelConfig(block_m=16, block_k=128, block_n=64, block_d=64, block_dm=64, chunk=128)
@@ -169,9 +171,10 @@ class AccessChecker:
 
 
 def run_guarded(monkeypatch, n, d_in, d_out, rs, rt, t, dist, dtype, config=GPU_CFG, seed=0,
-                scales=(2.0, 4.0), tol=None, check=False):
+                scales=(2.0, 4.0), tol=None, check=False, linear=False):
     """Forward + backward with every tensor guarded. ``check``: go through the CUDA launch
-    path's in-kernel id check (CHECK=True, atomic on the flag) that the CPU path skips."""
+    path's in-kernel id check (CHECK=True, atomic on the flag) that the CPU path skips.
+    ``linear``: the op is linear_multi_lora_triton (frozen weight and bias, guarded too)."""
     gen = torch.Generator().manual_seed(seed)
     gb = Guarded()
     chk = AccessChecker()
@@ -197,10 +200,21 @@ def run_guarded(monkeypatch, n, d_in, d_out, rs, rt, t, dist, dtype, config=GPU_
     dy64 = torch.randn(n, d_out, generator=gen, dtype=torch.float64)
     dy = gb.new((n, d_out), dtype, "dy", pad_cols=5, fill_view=dy64.to(dtype))
 
+    base = None
+    if linear:
+        w64 = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) * d_in ** -0.5
+        weight = gb.new((d_out, d_in), dtype, "weight", pad_cols=7, fill_view=w64.to(dtype))
+        bias = gb.new((d_out,), dtype, "bias", fill_view=torch.randn(d_out, generator=gen).to(dtype))
+        base = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
     if check:
         flag = gb.new((1,), torch.int32, "flag", fill_view=torch.ones(1, dtype=torch.int32))
         monkeypatch.setattr(ml, "_flag", lambda dev: flag)
-        y = ml._MultiLoraFn.apply(None, x, a_s, b_s, a_t, b_t, ids, t, *scales, config, True)
+        if linear:
+            y = _LinearLoraFn.apply(x, None, weight, bias, a_s, b_s, a_t, b_t, ids, t, *scales, config, True)
+        else:
+            y = ml._MultiLoraFn.apply(None, x, a_s, b_s, a_t, b_t, ids, t, *scales, config, True)
+    elif linear:
+        y = linear_multi_lora_triton(x, weight, bias, a_s, b_s, a_t, b_t, ids, *scales, config=config)
     else:
         y = multi_lora_triton(x, a_s, b_s, a_t, b_t, ids, *scales, config=config)
     leaves = [v for v in (x, a_s, b_s, a_t, b_t) if v is not None]
@@ -215,6 +229,7 @@ def run_guarded(monkeypatch, n, d_in, d_out, rs, rt, t, dist, dtype, config=GPU_
     assert not bad, f"guard bands overwritten: {bad}"
     if tol is not None:
         ref = multi_lora_reference(x, a_s, b_s, a_t, b_t, ids, *scales)
+        ref = ref if base is None else ref + base
         ref_grads = torch.autograd.grad(ref, leaves, dy.double())
         for name, got, want in zip(["y", "x", "a_s", "b_s", "a_t", "b_t"], [y, *grads], [ref, *ref_grads]):
             e = ((got.double() - want).norm() / want.norm()).item()
@@ -248,6 +263,17 @@ def test_ranks_and_mixed_blocks_in_bounds(monkeypatch, rs, rt, dist, equal_pad):
                          ids=["small-tiles", "mid-tiles"])
 def test_tilings_in_bounds(monkeypatch, cfg):
     run_guarded(monkeypatch, 61, 70, 45, 8, 64, 7, "zipf", torch.float32, config=cfg, tol=1e-5)
+
+
+@pytest.mark.parametrize("rs,rt,dist,dtype", [(8, 64, "zipf", torch.float16), (16, 0, "uniform", torch.float32),
+                                              (0, 16, "zipf", torch.bfloat16)],
+                         ids=["both-fp16", "shared-only-fp32", "task-only-bf16"])
+def test_fused_projection_in_bounds(monkeypatch, rs, rt, dist, dtype):
+    """linear_multi_lora_triton (shrink, GEMM with the expand in its epilogue, dX GEMM, dW) at
+    GPU-sized GEMM tiles, every tile partial, through the CUDA path's id check."""
+    cfg = dataclasses.replace(GPU_CFG, gemm_block_m=64, gemm_block_n=64, gemm_block_k=64, gemm_group_m=2,
+                              shrink_block_m=64)
+    run_guarded(monkeypatch, 83, 150, 131, rs, rt, 5, dist, dtype, config=cfg, tol=1e-2, check=True, linear=True)
 
 
 @pytest.mark.skipif(os.environ.get("CKF_FULL_GUARD") != "1", reason="minutes under the interpreter: CKF_FULL_GUARD=1")

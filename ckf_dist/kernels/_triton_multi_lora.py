@@ -66,10 +66,11 @@ def _tile(m_rows, stride_mk, y_rows, stride_yn, h_rows, offs, mask_m, task, t_lo
           AS, sas_r, sas_k, AT, sat_t, sat_r, sat_k, BS, sbs_n, sbs_r, BT, sbt_t, sbt_n, sbt_r,
           K, NOUT, RS, RT, scale_s, scale_t,
           HAS_S: tl.constexpr, HAS_T: tl.constexpr, MIXED: tl.constexpr, SAVE_H: tl.constexpr,
-          ACCUM: tl.constexpr, RS_P: tl.constexpr, RT_P: tl.constexpr, BM: tl.constexpr,
+          ACCUM: tl.constexpr, EXPAND: tl.constexpr, RS_P: tl.constexpr, RT_P: tl.constexpr, BM: tl.constexpr,
           BK: tl.constexpr, BN: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr):
     """Shrink, scale, save H, expand for one block of rows. MIXED: the block holds several
-    tasks (loop over t_lo..t_hi); else every valid row has task t_lo."""
+    tasks (loop over t_lo..t_hi); else every valid row has task t_lo. Without EXPAND only
+    H is computed (the shrink pass of linear_multi_lora_triton: no expand code, fewer registers)."""
     r_s = tl.arange(0, RS_P)
     r_t = tl.arange(0, RT_P)
     acc_s = tl.full((BM, RS_P), 0.0, dtype=tl.float32)
@@ -101,8 +102,20 @@ def _tile(m_rows, stride_mk, y_rows, stride_yn, h_rows, offs, mask_m, task, t_lo
             tl.store(h_rows + r_s[None, :], h_s, mask=mask_m[:, None] & (r_s[None, :] < RS))
         if HAS_T:
             tl.store(h_rows + RS + r_t[None, :], h_t, mask=mask_m[:, None] & (r_t[None, :] < RT))
-    hs = h_s.to(COMPUTE)
-    ht = h_t.to(COMPUTE)
+    if EXPAND:
+        _expand(y_rows, stride_yn, h_s.to(COMPUTE), h_t.to(COMPUTE), mask_m, task, t_lo, t_hi,
+                BS, sbs_n, sbs_r, BT, sbt_t, sbt_n, sbt_r, NOUT, RS, RT, HAS_S, HAS_T, MIXED, ACCUM,
+                RS_P, RT_P, BM, BN, COMPUTE, PREC)
+
+
+@triton.jit
+def _expand(y_rows, stride_yn, hs, ht, mask_m, task, t_lo, t_hi, BS, sbs_n, sbs_r, BT, sbt_t, sbt_n, sbt_r,
+            NOUT, RS, RT, HAS_S: tl.constexpr, HAS_T: tl.constexpr, MIXED: tl.constexpr, ACCUM: tl.constexpr,
+            RS_P: tl.constexpr, RT_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+            COMPUTE: tl.constexpr, PREC: tl.constexpr):
+    """Y[rows] (+)= hs @ B_s^T + ht @ B_t[task]^T over the whole written dimension."""
+    r_s = tl.arange(0, RS_P)
+    r_t = tl.arange(0, RT_P)
     bt_u = BT + tl.cast(t_lo, tl.int64) * sbt_t
     for n0 in range(0, NOUT, BN):
         nn = n0 + tl.arange(0, BN)
@@ -136,7 +149,7 @@ def _lora_kernel(M, stride_mm, stride_mk, Y, stride_ym, stride_yn, H, IDS, FLAG,
                  BS, sbs_n, sbs_r, BT, sbt_t, sbt_n, sbt_r,
                  N_ROWS, K, NOUT, RS, RT, RC, T, scale_s, scale_t,
                  HAS_S: tl.constexpr, HAS_T: tl.constexpr, SAVE_H: tl.constexpr, ACCUM: tl.constexpr,
-                 CHECK: tl.constexpr, RS_P: tl.constexpr, RT_P: tl.constexpr, BM: tl.constexpr,
+                 EXPAND: tl.constexpr, CHECK: tl.constexpr, RS_P: tl.constexpr, RT_P: tl.constexpr, BM: tl.constexpr,
                  BK: tl.constexpr, BN: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr):
     """Y[rows] (+)= scale * (M[rows] @ A^T) @ B^T for both adapters (see module docstring).
     Shrink weights as (r, k) strides, expand weights as (n, r) strides."""
@@ -160,13 +173,85 @@ def _lora_kernel(M, stride_mm, stride_mk, Y, stride_ym, stride_yn, H, IDS, FLAG,
         t_u = tl.minimum(tl.maximum(t_lo, 0), tl.maximum(T - 1, 0))
         _tile(m_rows, stride_mk, y_rows, stride_yn, h_rows, offs, mask_m, task, t_u, t_u,
               AS, sas_r, sas_k, AT, sat_t, sat_r, sat_k, BS, sbs_n, sbs_r, BT, sbt_t, sbt_n, sbt_r,
-              K, NOUT, RS, RT, scale_s, scale_t, HAS_S, HAS_T, False, SAVE_H, ACCUM,
+              K, NOUT, RS, RT, scale_s, scale_t, HAS_S, HAS_T, False, SAVE_H, ACCUM, EXPAND,
               RS_P, RT_P, BM, BK, BN, COMPUTE, PREC)
     else:
         _tile(m_rows, stride_mk, y_rows, stride_yn, h_rows, offs, mask_m, task, t_lo, t_hi,
               AS, sas_r, sas_k, AT, sat_t, sat_r, sat_k, BS, sbs_n, sbs_r, BT, sbt_t, sbt_n, sbt_r,
-              K, NOUT, RS, RT, scale_s, scale_t, HAS_S, HAS_T, True, SAVE_H, ACCUM,
+              K, NOUT, RS, RT, scale_s, scale_t, HAS_S, HAS_T, True, SAVE_H, ACCUM, EXPAND,
               RS_P, RT_P, BM, BK, BN, COMPUTE, PREC)
+
+
+@triton.jit
+def _gemm_lora_kernel(X, sxm, sxk, W, swk, swn, Y, sym, syn, BIAS, H, IDS,
+                      ES, ses_n, ses_r, ET, set_t, set_n, set_r,
+                      N_ROWS, NOUT, K, RS, RT, RC, T, M_BUCKET,
+                      HAS_BIAS: tl.constexpr, HAS_S: tl.constexpr, HAS_T: tl.constexpr,
+                      RS_P: tl.constexpr, RT_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                      COMPUTE: tl.constexpr, PREC: tl.constexpr):
+    """Y = X @ W (+ bias) + H[:, :RS] @ E_s + H[:, RS:] @ E_t[task]: the frozen projection's
+    GEMM with the Multi-LoRA expand in its epilogue, so the adapter output is added to the
+    accumulator in registers (no second pass over Y). X [N, K], W as (k, n) strides, H the
+    scaled rank-space activations [N, RC] fp32 from the shrink pass, E_s (n, r) and E_t
+    (t, n, r) strides. Forward: X = x, W = weight^T, E = B. Backward (dX): X = dy,
+    W = weight, H = dG, E = A^T. M_BUCKET only keys the autotuner (unused here)."""
+    pid = tl.program_id(0)
+    n_m = (N_ROWS + BM - 1) // BM
+    n_n = (NOUT + BN - 1) // BN
+    width = GROUP_M * n_n                       # grouped order: GROUP_M row blocks share W tiles in L2
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_m = offs_m < N_ROWS
+    mask_n = offs_n < NOUT
+    rows = offs_m.to(tl.int64)
+    kk = tl.arange(0, BK)
+    x_ptrs = X + rows[:, None] * sxm + kk[None, :] * sxk
+    w_ptrs = W + kk[:, None] * swk + offs_n[None, :].to(tl.int64) * swn
+    acc = tl.full((BM, BN), 0.0, dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            b = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            mask_k = (k0 + kk) < K
+            a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=PREC)
+        x_ptrs += BK * sxk
+        w_ptrs += BK * swk
+    # epilogue: the adapters' expand on this tile, from rank space (a few KB per tile)
+    h_rows = H + rows[:, None] * RC
+    if HAS_S:
+        r_s = tl.arange(0, RS_P)
+        hs = tl.load(h_rows + r_s[None, :], mask=mask_m[:, None] & (r_s[None, :] < RS), other=0.0)
+        es = tl.load(ES + offs_n[None, :] * ses_n + r_s[:, None] * ses_r,
+                     mask=(r_s[:, None] < RS) & mask_n[None, :], other=0.0)
+        acc = tl.dot(hs.to(COMPUTE), es.to(COMPUTE), acc, input_precision=PREC)
+    if HAS_T:
+        r_t = tl.arange(0, RT_P)
+        task, t_lo, t_hi = _row_tasks(IDS, offs_m, mask_m, T)
+        ht = tl.load(h_rows + RS + r_t[None, :], mask=mask_m[:, None] & (r_t[None, :] < RT), other=0.0)
+        ht = ht.to(COMPUTE)                    # rows without a valid task hold H = 0
+        e_cols = offs_n[None, :] * set_n + r_t[:, None] * set_r
+        e_mask = (r_t[:, None] < RT) & mask_n[None, :]
+        if t_lo >= t_hi:                       # one task in the tile (the model routes per sample)
+            t_u = tl.minimum(tl.maximum(t_lo, 0), tl.maximum(T - 1, 0))
+            et = tl.load(ET + tl.cast(t_u, tl.int64) * set_t + e_cols, mask=e_mask, other=0.0)
+            acc = tl.dot(ht, et.to(COMPUTE), acc, input_precision=PREC)
+        else:
+            for t in range(t_lo, t_hi + 1):
+                et = tl.load(ET + tl.cast(t, tl.int64) * set_t + e_cols, mask=e_mask, other=0.0)
+                hm = tl.where(task[:, None] == t, ht, tl.full((BM, RT_P), 0.0, dtype=COMPUTE))
+                acc = tl.dot(hm, et.to(COMPUTE), acc, input_precision=PREC)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = Y + rows[:, None] * sym + offs_n[None, :].to(tl.int64) * syn
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -301,3 +386,16 @@ def _wsum_kernel(PSB, PTB, PSA, PTA, CH_LO, CH_HI, N_CHUNKS, DB, DA, RS, RT, T,
                 off = tl.cast(t, tl.int64) * DA * RT
                 _sum_chunks(PTA + off, T * DA * RT, DA * RT, GAT + off, N_CHUNKS, CH_LO, CH_HI, t, blk,
                             True, BLOCK)
+
+
+# Tiles of the fused projection GEMM on the GPU, picked per (out, in, row bucket, dtype) by
+# Triton's autotuner on first use: Hopper-sized bf16/fp16 tiles (wgmma wants BM >= 64) with
+# 3-4 stage pipelines; configs that do not fit shared memory (fp32) are skipped by the tuner.
+_GEMM_TILES = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
+               (128, 128, 128, 3, 8), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 32, 4, 4)]
+
+_gemm_lora_heur = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BK"] == 0})(_gemm_lora_kernel)
+_gemm_lora_tuned = triton.autotune(
+    configs=[triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_stages=st, num_warps=wp)
+             for bm, bn, bk, st, wp in _GEMM_TILES],
+    key=["NOUT", "K", "M_BUCKET", "swk", "HAS_S", "HAS_T"])(_gemm_lora_heur)      # swk: forward or dX layout

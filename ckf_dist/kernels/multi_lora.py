@@ -88,6 +88,12 @@ class KernelConfig:
     num_warps: int = 0     # 0: 8 for block_m >= 64, else 4
     num_stages: int = 3
     equal_rank_pad: bool = True   # pad both ranks to the larger padding (see _common)
+    # the projection GEMM of linear_multi_lora_triton: 0 = autotuned on the GPU (32 in the interpreter)
+    gemm_block_m: int = 0
+    gemm_block_n: int = 0
+    gemm_block_k: int = 0
+    gemm_group_m: int = 8
+    shrink_block_m: int = 0   # rows per program of its shrink passes (0: 64)
 
 
 _MOD = None
@@ -211,15 +217,21 @@ def _w(t, idx, w_dummy):
 
 def _lora_pass(c: _Ctx, m, k_dim, shrink_s, shrink_t, expand_s, expand_t, y, out_dim, scales,
                h, accum: bool, check: bool) -> None:
-    """One launch of the fused shrink+expand kernel over all rows (grid from shapes only)."""
-    bm = c.bm
-    warps = c.cfg.num_warps or (8 if bm >= 64 else 4)
+    """One launch of the fused shrink+expand kernel over all rows (grid from shapes only);
+    ``out_dim == 0``: the shrink alone (H only), compiled without the expand, on larger row blocks."""
+    expand = out_dim > 0
+    if expand:
+        bm = c.bm
+        warps = c.cfg.num_warps or (8 if bm >= 64 else 4)
+    else:
+        bm = c.cfg.shrink_block_m or (16 if c.interp else 64)     # 64: wgmma on Hopper
+        warps = c.cfg.num_warps or 4
     hh = h if h is not None else _dummy(c.device, torch.float32)
     c.k._lora_kernel[(triton_cdiv(c.n, bm),)](
         m, m.stride(0), m.stride(1), y, y.stride(0), y.stride(1), hh, c.ids,
         _flag(c.device) if check else hh, *shrink_s, *shrink_t, *expand_s, *expand_t,
         c.n, k_dim, out_dim, c.rs, c.rt, c.rc, c.T, float(scales[0]), float(scales[1]),
-        SAVE_H=h is not None, ACCUM=accum, CHECK=check, BM=bm, BK=c.cfg.block_k, BN=c.cfg.block_n,
+        SAVE_H=h is not None, ACCUM=accum, EXPAND=expand, CHECK=check, BM=bm, BK=c.cfg.block_k, BN=c.cfg.block_n,
         num_warps=warps, num_stages=c.cfg.num_stages, **c.common)
 
 
@@ -360,11 +372,37 @@ def multi_lora_triton(x, a_shared, b_shared, a_task, b_task, task_ids, scale_sha
     ``TRITON_INTERPRET=1`` is not set (then use the torch path).
     """
     _check(x, a_shared, b_shared, a_task, b_task)
+    _check_runnable(x, "multi_lora_triton")
+    ids, n_tasks, check = _task_ids(x, a_task, task_ids)
+    if out is not None and (out.shape != (x.shape[0], (b_shared if b_shared is not None else b_task)
+                                          .shape[-2]) or out.dtype != x.dtype or out.device != x.device):
+        raise ValueError(f"multi_lora: out must be [N, out] of x's dtype/device, got {tuple(out.shape)} "
+                         f"{out.dtype}")
+    dt = x.dtype
+    y = _MultiLoraFn.apply(out, x, _cast(a_shared, dt), _cast(b_shared, dt), _cast(a_task, dt),
+                           _cast(b_task, dt), ids, n_tasks, float(scale_shared), float(scale_task),
+                           config or _DEFAULT_CFG, check)
+    if check:
+        _assert_ids(x.device, n_tasks)
+    return y
+
+
+def _cast(w, dtype):
+    """Weights of another dtype than x are cast to x's (as autocast would)."""
+    return w if w is None or w.dtype == dtype else w.to(dtype)
+
+
+def _check_runnable(x, name: str) -> None:
     if not (x.is_cuda or interpret_mode()):
-        raise RuntimeError("multi_lora_triton runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1, "
+        raise RuntimeError(f"{name} runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1, "
                            f"for tests); got a {x.device} tensor: use "
                            "ckf_dist.model.multi_lora.multi_lora_torch instead")
     _kernels()                                # clear error now if triton is missing
+
+
+def _task_ids(x, a_task, task_ids):
+    """``(ids or None, n_tasks, check)`` from raw ids or a Routing; ``check``: validate the
+    ids inside the kernel and assert the flag afterwards (raw ids on CUDA)."""
     n_tasks = a_task.shape[0] if a_task is not None else 1
     check = False
     if isinstance(task_ids, Routing):
@@ -382,18 +420,7 @@ def multi_lora_triton(x, a_shared, b_shared, a_task, b_task, task_ids, scale_sha
         # asynchronously below), so no extra launches and no sync
         ids = make_routing(task_ids, n_tasks, n_rows=x.shape[0], check=not x.is_cuda).task_ids
         check = x.is_cuda and ids.numel() > 0
-    if out is not None and (out.shape != (x.shape[0], (b_shared if b_shared is not None else b_task)
-                                          .shape[-2]) or out.dtype != x.dtype or out.device != x.device):
-        raise ValueError(f"multi_lora: out must be [N, out] of x's dtype/device, got {tuple(out.shape)} "
-                         f"{out.dtype}")
-    dt = x.dtype
-    cast = (lambda w: w if w is None or w.dtype == dt else w.to(dt))
-    y = _MultiLoraFn.apply(out, x, cast(a_shared), cast(b_shared), cast(a_task), cast(b_task),
-                           ids, n_tasks, float(scale_shared), float(scale_task),
-                           config or _DEFAULT_CFG, check)
-    if check:
-        _assert_ids(x.device, n_tasks)
-    return y
+    return ids, n_tasks, check
 
 
 _DEFAULT_CFG = KernelConfig()

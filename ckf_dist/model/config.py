@@ -18,6 +18,10 @@ class LoraConfig:
     shared_targets: list[str] = field(default_factory=lambda: ["k", "v", "o"])   # roles, see model.backbone
     task_targets: list[str] = field(default_factory=lambda: ["q"])
     fused_kernels: bool = True        # Triton kernels on CUDA when available; torch path elsewhere
+    # with fused_kernels: a layer whose adapters write all of its outputs runs the frozen
+    # projection's GEMM and the adapters as one Triton op (expand in the GEMM's epilogue)
+    # instead of cuBLAS for the base plus the separate adapter op (docs/performance.md)
+    fuse_base_gemm: bool = True
 
     def validate(self) -> None:
         if self.r < 1:

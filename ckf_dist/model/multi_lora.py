@@ -81,17 +81,23 @@ class AdapterSpec:
         return self.alpha / self.r
 
 
-def _triton_op():
-    """The fused CUDA kernel with the same signature, or None when it cannot be imported or run here."""
+def _triton_op(name: str = "multi_lora_triton"):
+    """The fused CUDA kernel with the same signature (or ``linear_multi_lora_triton``, the base
+    GEMM and the adapters in one op), or None when it cannot be imported or run here."""
     try:
         kernels = importlib.import_module("ckf_dist.kernels")   # written behind the same contract
-        op = kernels.multi_lora_triton
+        op = getattr(kernels, name)
     except (ImportError, AttributeError):
         return None
     available = getattr(kernels, "triton_available", None)
     if available is not None and not available():
         return None
     return op
+
+
+def _kernel_device(x: torch.Tensor) -> bool:
+    """Do the Triton ops take this tensor? CUDA only (tests patch this to run the interpreter on CPU)."""
+    return x.is_cuda
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -122,7 +128,8 @@ class MultiLoraLinear(nn.Module):
     """
 
     def __init__(self, base: nn.Module, name: str, n_tasks: int, shared: AdapterSpec | None,
-                 task: AdapterSpec | None, dropout: float, routing: LoraRouting, fused_kernels: bool = True):
+                 task: AdapterSpec | None, dropout: float, routing: LoraRouting, fused_kernels: bool = True,
+                 fuse_base_gemm: bool = True):
         super().__init__()
         if shared is None and task is None:
             raise ValueError(f"{name}: a Multi-LoRA layer needs a shared or a task adapter")
@@ -136,6 +143,7 @@ class MultiLoraLinear(nn.Module):
         self.dropout = dropout
         self.routing = routing
         self.fused_kernels = fused_kernels
+        self.fuse_base_gemm = fuse_base_gemm
         self.one_op = shared is not None and task is not None and _same_index(shared.out_index, task.out_index)
         kw = dict(device=w.device, dtype=w.dtype)
         if shared is not None:
@@ -165,7 +173,33 @@ class MultiLoraLinear(nn.Module):
 
     def _kernel(self, x: torch.Tensor):
         """The fused kernel when asked for and usable on this tensor, else None."""
-        return _triton_op() if self.fused_kernels and x.is_cuda else None
+        return _triton_op() if self.fused_kernels and _kernel_device(x) else None
+
+    def _linear_kernel(self, x: torch.Tensor):
+        """The fused base-GEMM + adapters op when asked for and this layer fits it (adapters on
+        all outputs, frozen base), else None."""
+        if not (self.fused_kernels and self.fuse_base_gemm and _kernel_device(x)):
+            return None
+        groups = self._groups()
+        bias = getattr(self.base, "bias", None)
+        if (len(groups) != 1 or groups[0][2] is not None or self.base.weight.requires_grad
+                or (bias is not None and bias.requires_grad)):
+            return None
+        return _triton_op("linear_multi_lora_triton")
+
+    def _forward_linear_kernel(self, op, x: torch.Tensor) -> torch.Tensor:
+        """``y = base(x) + adapters`` in one op: the projection's GEMM with the expand in its epilogue."""
+        x2 = x.reshape(-1, self.in_features)
+        xd, keep_scale = lora_dropout(x2, self.dropout, self.training)
+        w = self.base.weight.t() if self.conv1d else self.base.weight      # as [out, in] (a view for Conv1D)
+        use_s, use_t, _ = self._groups()[0]
+        a_s, b_s = self._weights("shared") if use_s else (None, None)
+        a_t, b_t = self._weights("task") if use_t else (None, None)
+        s_s = self.shared.scale * keep_scale if use_s else 0.0
+        s_t = self.task.scale * keep_scale if use_t else 0.0
+        y = op(x2, w, getattr(self.base, "bias", None), a_s, b_s, a_t, b_t, self.routing.token_task_ids(x),
+               s_s, s_t, x_lora=None if xd is x2 else xd)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def _groups(self):
         """(use shared, use task, output index) per adapter op: one op when both write the same outputs."""
@@ -179,6 +213,9 @@ class MultiLoraLinear(nn.Module):
         return groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        linear_op = self._linear_kernel(x)
+        if linear_op is not None:
+            return self._forward_linear_kernel(linear_op, x)
         y = self.base(x)
         xd, keep_scale = lora_dropout(x, self.dropout, self.training)     # dropout on x before the shrink
         s_s = self.shared.scale * keep_scale if self.shared is not None else 0.0
@@ -267,7 +304,8 @@ def inject_multi_lora(model: nn.Module, family, lora_cfg, n_tasks: int, routing:
             if "shared" in kinds else None
         task = AdapterSpec(lora_cfg.r, lora_cfg.alpha, _out_index(family, model.config, kinds["task"], width)) \
             if "task" in kinds else None
-        layer = MultiLoraLinear(base, name, n_tasks, shared, task, lora_cfg.dropout, routing, lora_cfg.fused_kernels)
+        layer = MultiLoraLinear(base, name, n_tasks, shared, task, lora_cfg.dropout, routing, lora_cfg.fused_kernels,
+                                lora_cfg.fuse_base_gemm)
         setattr(parent, child, layer)
         layers.append(layer)
     return layers

@@ -12,9 +12,12 @@ Parts (each merges its results into --out, so gpu_check.sh runs them as separate
   with NaN; tolerances fp32 1e-5, fp16 2e-3, bf16 1e-2; determinism (bitwise) check.
 * timing: the card's ceilings (a large bf16 matmul, a device copy), then CUDA-event medians
   (triton do_bench, L2 flushed between runs) at Llama-7B shapes (4096x4096, r=16, T=4,
-  4k-16k tokens): base projection alone vs base + fused / fused(out=) / torch / naive loop,
-  forward and forward+backward; the delta alone with its achieved bandwidth; a small sweep
-  of kernel tilings (each checked against the default before it is timed).
+  4k-16k tokens): base projection alone vs the fused projection (base GEMM + adapters in one
+  op) / base + fused / fused(out=) / torch / naive loop, forward and forward+backward, with
+  per-token uniform task ids (worst case) and, for the fused ops, per-sample ids (``_ps``:
+  the model's layout); the fused projection's GEMM alone vs cuBLAS; the delta alone with its
+  achieved bandwidth; a small sweep of kernel tilings (each checked against the default
+  before it is timed).
 * bisect: the case that faulted in fp16 on the H200 (rs 8 / rt 64), one process per config
   variant (default equal rank padding, own paddings 16/64, the latter with
   CUDA_LAUNCH_BLOCKING=1 to name the faulting launch, and with block_d 32 so that dW runs on
@@ -286,8 +289,13 @@ def part_timing(res, tokens):
                 "fused_routing": lambda: multi_lora_triton(x, *w, routing, 4.0, 4.0),
                 "torch": lambda: tpath(x, *w, ids, 4.0, 4.0),
                 "naive": lambda: multi_lora_naive(x, *w, ids, 4.0, 4.0)}
+        # the model's layout: one task per sample, samples of 1024 tokens (uniform per-token ids, the
+        # rows above, are the worst case: every row block mixes all tasks)
+        ids_ps = torch.randint(0, t, (-(-n // 1024),), device=DEV).repeat_interleave(1024)[:n]
         layer = {"base": lambda: F.linear(x, base_w),
                  "fused_gemm": lambda: linear_multi_lora_triton(x, base_w, None, *w, ids, 4.0, 4.0),
+                 "fused_gemm_ps": lambda: linear_multi_lora_triton(x, base_w, None, *w, ids_ps, 4.0, 4.0),
+                 "fused_ps": lambda: F.linear(x, base_w) + multi_lora_triton(x, *w, ids_ps, 4.0, 4.0),
                  "fused_out": lambda: multi_lora_triton(x, *w, ids, 4.0, 4.0, out=F.linear(x, base_w))}
         layer.update({k: (lambda f=f: F.linear(x, base_w) + f()) for k, f in lora.items()})
         timings = {}

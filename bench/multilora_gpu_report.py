@@ -36,7 +36,8 @@ def report(res):
         for row in tm["rows"]:
             tt = row["timings"]
             base_fb = tt["layer:base"][1]
-            for name in ("base", "fused_gemm", "fused", "fused_out", "fused_routing", "torch", "naive"):
+            for name in ("base", "fused_gemm", "fused_gemm_ps", "fused", "fused_ps", "fused_out", "fused_routing",
+                         "torch", "naive"):
                 if f"layer:{name}" not in tt:            # results of older runs
                     continue
                 f, fb = tt[f"layer:{name}"]

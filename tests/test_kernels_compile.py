@@ -118,9 +118,10 @@ GEMM_ALIGNED = {"X", "W", "Y", "BIAS", "H", "IDS", "ES", "ET", "sxm", "swk", "sw
 LAYOUTS = {"fwd": dict(sxk=1, swk=1, syn=1, ses_r=1, set_r=1), "dx": dict(sxk=1, swn=1, syn=1, ses_n=1, set_n=1)}
 
 
-@pytest.mark.parametrize("tile", list(range(8)), ids=lambda i: "tile%d" % i)
+@pytest.mark.parametrize("tile", list(range(6)), ids=lambda i: "tile%d" % i)
 def test_gemm_lora_compiles_for_hopper_without_spills(compiled_module, tile):
     mod = compiled_module[0]
+    assert len(mod._GEMM_TILES) == 6, "update the parametrization to the autotuner's tiles"
     bm, bn, bk, stages, warps = mod._GEMM_TILES[tile]
     variants = [("fwd", True, True, True), ("dx", True, True, False)]
     if tile == 0:

@@ -388,11 +388,12 @@ def _wsum_kernel(PSB, PTB, PSA, PTA, CH_LO, CH_HI, N_CHUNKS, DB, DA, RS, RT, T,
                             True, BLOCK)
 
 
-# Tiles of the fused projection GEMM on the GPU, picked per (out, in, row bucket, dtype) by
-# Triton's autotuner on first use: Hopper-sized bf16/fp16 tiles (wgmma wants BM >= 64) with
-# 3-4 stage pipelines; configs that do not fit shared memory (fp32) are skipped by the tuner.
+# Tiles of the fused projection GEMM on the GPU, picked per (out, in, row bucket, layout,
+# adapters, dtype) by Triton's autotuner on first use: (BM, BN, BK, stages, warps), Hopper-sized
+# bf16/fp16 tiles (wgmma wants BM >= 64) with 3-4 stage pipelines; configs that do not fit
+# shared memory (fp32) are skipped by the tuner. Six, to bound the first step's compile time.
 _GEMM_TILES = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-               (128, 128, 128, 3, 8), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 32, 4, 4)]
+               (64, 256, 64, 4, 4), (128, 64, 64, 4, 4)]
 
 _gemm_lora_heur = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BK"] == 0})(_gemm_lora_kernel)
 _gemm_lora_tuned = triton.autotune(

@@ -476,3 +476,16 @@ def test_model_layer_runs_the_fused_projection(monkeypatch, placement):
     assert (y1 - y0).abs().max() < 1e-4
     for a, b in zip(g1, g0):
         assert (a - b).abs().max() < 1e-4 * max(1.0, b.abs().max().item())
+
+
+def test_model_layer_leaves_zero3_partitioned_weights_to_the_base_module(monkeypatch):
+    """Under ZeRO-3 the frozen weight is gathered only in the base module's own forward (its
+    hook), so a partitioned weight (DeepSpeed marks it with ``ds_id``) keeps the separate op."""
+    from ckf_dist.model import multi_lora as mml
+    monkeypatch.setattr(mml, "_kernel_device", lambda x: True)
+    base = torch.nn.Linear(8, 8, bias=False).requires_grad_(False)
+    layer = mml.MultiLoraLinear(base, "proj", 2, mml.AdapterSpec(4, 8.0), None, 0.0, mml.LoraRouting())
+    x = torch.randn(1, 3, 8)
+    assert layer._linear_kernel(x) is not None
+    base.weight.ds_id = 7
+    assert layer._linear_kernel(x) is None

@@ -181,9 +181,13 @@ class MultiLoraLinear(nn.Module):
         if not (self.fused_kernels and self.fuse_base_gemm and _kernel_device(x)):
             return None
         groups = self._groups()
-        bias = getattr(self.base, "bias", None)
-        if (len(groups) != 1 or groups[0][2] is not None or self.base.weight.requires_grad
+        weight, bias = self.base.weight, getattr(self.base, "bias", None)
+        if (len(groups) != 1 or groups[0][2] is not None or weight.requires_grad
                 or (bias is not None and bias.requires_grad)):
+            return None
+        if hasattr(weight, "ds_id"):
+            # a ZeRO-3 partitioned backbone: DeepSpeed gathers the weight only inside the base
+            # module's own forward, which this op would skip; the base runs as a module instead
             return None
         return _triton_op("linear_multi_lora_triton")
 

@@ -177,11 +177,16 @@ def part_correctness(res):
             leaves = [v for v in [x] + w if v is not None]
             ref = F.linear(x.double(), base_w.double()) + multi_lora_reference(x, *w, ids, 2.0, 4.0)
             ref_grads = torch.autograd.grad(ref, leaves, dy)
-            op = (lambda x, *a, **k: linear_multi_lora_triton(x, base_w, None, *a, **k))
+            # bf16 goes through the autotuner (its launch path); fp32/fp16 take fixed tiles, which
+            # keeps this part's compile time bounded on a bare machine
+            cfg = None if dname == "bf16" else KernelConfig(gemm_block_m=128, gemm_block_n=128, gemm_block_k=32)
+            op = (lambda x, *a, cfg=cfg, **k: linear_multi_lora_triton(x, base_w, None, *a, config=cfg, **k))
             fe, _ = errors(op, x, w, ids, (2.0, 4.0), dy, ref, ref_grads)
             passed = all(e < TOL[dname] for e in fe)
             ok &= passed
             lin_rows.append(dict(shape=list(shp), dtype=dname, fused_gemm=fe, passed=passed))
+            res["correctness"] = dict(rows=rows, gemm_rows=lin_rows, passed=False, unfinished=True)
+            save(res)
             print(f"  fused GEMM {str(shp):31s} {dname}  max {max(fe):.2e}  {'ok' if passed else 'FAIL'}",
                   flush=True)
     # fused base add, and bitwise determinism of all gradients
@@ -292,9 +297,17 @@ def part_timing(res, tokens):
         # the model's layout: one task per sample, samples of 1024 tokens (uniform per-token ids, the
         # rows above, are the worst case: every row block mixes all tasks)
         ids_ps = torch.randint(0, t, (-(-n // 1024),), device=DEV).repeat_interleave(1024)[:n]
+        keep = torch.rand(n, d, device=DEV) >= 0.1
+        keep_x = keep.to(x.dtype)
         layer = {"base": lambda: F.linear(x, base_w),
-                 "fused_gemm": lambda: linear_multi_lora_triton(x, base_w, None, *w, ids, 4.0, 4.0),
+                 # _ps first: the autotuner picks the GEMM's tiles on the first call of a shape
                  "fused_gemm_ps": lambda: linear_multi_lora_triton(x, base_w, None, *w, ids_ps, 4.0, 4.0),
+                 "fused_gemm": lambda: linear_multi_lora_triton(x, base_w, None, *w, ids, 4.0, 4.0),
+                 # with LoRA dropout 0.1 as the model runs it: a keep mask read by the kernels; the
+                 # like-for-like torch row multiplies x by the same mask first
+                 "fused_gemm_ps_drop": lambda: linear_multi_lora_triton(x, base_w, None, *w, ids_ps, 4.0, 4.0,
+                                                                        lora_mask=keep),
+                 "torch_ps_drop": lambda: F.linear(x, base_w) + tpath(x * keep_x, *w, ids_ps, 4.0, 4.0),
                  "fused_ps": lambda: F.linear(x, base_w) + multi_lora_triton(x, *w, ids_ps, 4.0, 4.0),
                  "fused_out": lambda: multi_lora_triton(x, *w, ids, 4.0, 4.0, out=F.linear(x, base_w))}
         layer.update({k: (lambda f=f: F.linear(x, base_w) + f()) for k, f in lora.items()})
@@ -390,7 +403,7 @@ def main():
                 rc |= 0 if all(r["ok"] for r in res["bisect"]["rows"] if r["variant"] == "default") else 1
             elif part == "train":
                 part_train(res, args.batch or (4 if SMOKE else 8), args.prompt_len or (12 if SMOKE else 1000),
-                           smoke=SMOKE, dev=DEV)
+                           smoke=SMOKE, dev=DEV, save=save)
             else:
                 raise ValueError(f"unknown part {part!r}")
             res.pop(f"{part}_error", None)

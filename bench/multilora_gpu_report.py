@@ -32,12 +32,12 @@ def report(res):
                      f"copy {ce['copy_gbs']:.0f} GB/s")
     tm = res.get("timing")
     if tm:
-        lines.append("tokens  path            fwd ms  f+b ms  layer/base(f+b)  naive/path(f+b)  delta f+b GB/s(%copy)")
+        lines.append("tokens  path                fwd ms  f+b ms  layer/base(f+b)  naive/path(f+b)  delta f+b GB/s(%copy)")
         for row in tm["rows"]:
             tt = row["timings"]
             base_fb = tt["layer:base"][1]
-            for name in ("base", "fused_gemm", "fused_gemm_ps", "fused", "fused_ps", "fused_out", "fused_routing",
-                         "torch", "naive"):
+            for name in ("base", "fused_gemm", "fused_gemm_ps", "fused_gemm_ps_drop", "torch_ps_drop", "fused",
+                         "fused_ps", "fused_out", "fused_routing", "torch", "naive"):
                 if f"layer:{name}" not in tt:            # results of older runs
                     continue
                 f, fb = tt[f"layer:{name}"]
@@ -45,7 +45,7 @@ def report(res):
                 if f"lora:{name}" in tt:
                     gbs = row["bytes_lora_fb_min"] / tt[f"lora:{name}"][1] / 1e6
                     bw = f"{gbs:7.0f} ({100 * gbs / ce['copy_gbs']:.0f}%)" if ce else f"{gbs:.0f}"
-                lines.append(f"{row['tokens']:6d}  {name:14s} {f:7.3f} {fb:7.3f}  {fb / base_fb:15.3f}  "
+                lines.append(f"{row['tokens']:6d}  {name:18s} {f:7.3f} {fb:7.3f}  {fb / base_fb:15.3f}  "
                              f"{tt['layer:naive'][1] / fb:15.2f}  {bw}")
             tf = 2 * row["flops_base_fwd"] / base_fb / 1e9
             lines.append(f"        base f+b {tf:.0f} TFLOP/s" + (f" ({100 * tf / ce['matmul_tflops']:.0f}% of "
@@ -61,6 +61,9 @@ def report(res):
             best = min(good, key=lambda r: r["fwd_bwd_ms"])
             lines.append(f"sweep @ {sw['tokens']} tokens: default {good[0]['fwd_bwd_ms']:.3f} ms, best "
                          f"{best['fwd_bwd_ms']:.3f} ms with {best['config']}")
+    tp = res.get("train_partial")
+    if tp and not res.get("train"):                          # the train part hit its time limit
+        lines.append(f"CKF step UNFINISHED; partial results: {tp}")
     tr = res.get("train")
     if tr:
         ag = tr["fused_vs_torch"]

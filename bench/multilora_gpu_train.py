@@ -40,8 +40,9 @@ def build_backbone(smoke: bool, dev: str):
     return model.to(torch.bfloat16)
 
 
-def part_train(res, batch_size, prompt_len, *, smoke: bool, dev: str):
-    """One CKF step through ckf_dist.model (fused kernels) and the same step on the torch path."""
+def part_train(res, batch_size, prompt_len, *, smoke: bool, dev: str, save=lambda res: None):
+    """One CKF step through ckf_dist.model (fused kernels) and the same step on the torch path.
+    ``save(res)`` is called as results come in, so a time limit still leaves the finished ones."""
     from ckf_dist.model import LoraConfig, ModelConfig, build_ckf_model
     from ckf_dist.model.testing import randomize_adapters, synthetic_batch
     import ckf_dist.model.multi_lora as mml
@@ -128,6 +129,8 @@ def part_train(res, batch_size, prompt_len, *, smoke: bool, dev: str):
                           "(base GEMM + adapters in one op) / token / torch LoRA paths")
     del gf, gg, gk, gt
     print(f"  fused vs torch path through the model: {agree}", flush=True)
+    res["train_partial"] = dict(fused_vs_torch=agree)
+    save(res)
     side_s = None
     for gemm in (False, True):                               # the shipped default (fused GEMM) last
         for layer in model.lora_layers():
@@ -139,6 +142,8 @@ def part_train(res, batch_size, prompt_len, *, smoke: bool, dev: str):
         fused_s, loss = timed(1 if smoke else 3)
         fused_calls = calls["n"] // (1 if smoke else 3)
         side_s = fused_s if not gemm else side_s
+        res["train_partial"]["fused_gemm_step_s" if gemm else "side_op_step_s"] = fused_s
+        save(res)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if dev == "cuda" else float("nan")
     n_layer_params = sum(p.numel() for n, p in backbone.named_parameters()
                          if ".layers." in n and ".lora_" not in n and p.dim() == 2)
@@ -159,6 +164,7 @@ def part_train(res, batch_size, prompt_len, *, smoke: bool, dev: str):
                         if peak_ref else None, layer_params=n_layer_params, lora_params=n_lora)
     if not fused_calls:
         res["train"]["warning"] = "the model never called the fused ops: this step timed the torch path"
+    res.pop("train_partial", None)
     print(f"  train: {res['train']}", flush=True)
     for name, op in real.items():
         setattr(K, name, op)

@@ -301,9 +301,9 @@ def test_imports_without_triton():
 # ---- linear_multi_lora_triton: the frozen projection's GEMM with the adapters in its epilogue ----
 
 def check_linear(n, d_in, d_out, rs, rt, t, kind, dtype=torch.float32, tol=1e-5, config=None, seed=0,
-                 bias=True, separate=False, conv1d=False, scales=(2.0, 0.75)):
-    """y = x W^T + b + delta(x_lora or x) and the gradients of x, x_lora and the adapters
-    against fp64; returns the relative errors."""
+                 bias=True, separate=False, conv1d=False, masked=False, scales=(2.0, 0.75)):
+    """y = x W^T + b + delta(x_lora, x * keep or x) and the gradients of x, x_lora and the
+    adapters against fp64; returns the relative errors."""
     x, a_s, b_s, a_t, b_t, gen = make_inputs(n, d_in, d_out, rs, rt, t, dtype, seed)
     w64 = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) * d_in ** -0.5
     # a GPT-2 Conv1D stores [in, out]: the op takes its transposed view (strides, no copy)
@@ -311,10 +311,12 @@ def check_linear(n, d_in, d_out, rs, rt, t, kind, dtype=torch.float32, tol=1e-5,
     b = torch.randn(d_out, generator=gen, dtype=torch.float64).to(dtype) if bias else None
     xl = (torch.randn(n, d_in, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
           if separate else None)
+    keep = torch.rand(n, d_in, generator=gen) >= 0.25 if masked else None
     ids = task_ids_for(kind, n, t, gen)
-    y = linear_multi_lora_triton(x, w, b, a_s, b_s, a_t, b_t, ids, *scales, x_lora=xl, config=config)
+    y = linear_multi_lora_triton(x, w, b, a_s, b_s, a_t, b_t, ids, *scales, x_lora=xl, lora_mask=keep,
+                                 config=config)
     assert y.shape == (n, d_out) and y.dtype == dtype
-    src = xl if separate else x
+    src = xl if separate else x if keep is None else x * keep
     ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double()) \
         + multi_lora_reference(src, a_s, b_s, a_t, b_t, ids, *scales)
     leaves = [v for v in (x, xl, a_s, b_s, a_t, b_t) if v is not None]
@@ -382,6 +384,14 @@ def test_linear_lora_separate_adapter_input():
     check_linear(33, 40, 30, 8, 8, 3, "uniform", seed=6, separate=True)
 
 
+@pytest.mark.parametrize("rs,rt,kind", [(8, 16, "zipf"), (16, 0, "uniform"), (0, 8, "one")],
+                         ids=["both", "shared-only", "task-only"])
+def test_linear_lora_dropout_mask(rs, rt, kind):
+    """LoRA dropout as a keep mask: shrink of x * keep, dx = dy W + keep * (dG A), dA from x * keep."""
+    check_linear(45, 61, 38, rs, rt, 4, kind, seed=15, masked=True,
+                 config=KernelConfig(gemm_block_m=16, gemm_block_n=16, gemm_block_k=16, block_m=16, block_dm=16))
+
+
 def test_linear_lora_conv1d_weight_layout():
     check_linear(20, 24, 36, 8, 8, 2, "uniform", seed=14, conv1d=True)
 
@@ -432,6 +442,10 @@ def test_linear_lora_empty_batch_and_bad_inputs():
         linear_multi_lora_triton(x, w.t(), None, a_s, b_s, a_t, b_t, ids)
     with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 2\)"):
         linear_multi_lora_triton(x, w, None, a_s, b_s, a_t, b_t, ids + 5)
+    with pytest.raises(ValueError, match="lora_mask must be a bool/uint8 tensor"):
+        linear_multi_lora_triton(x, w, None, a_s, b_s, a_t, b_t, ids, lora_mask=torch.ones(8, 24))
+    with pytest.raises(ValueError, match="x_lora or lora_mask, not both"):
+        linear_multi_lora_triton(x, w, None, a_s, b_s, a_t, b_t, ids, x_lora=x, lora_mask=torch.ones(8, 24) > 0)
 
 
 @pytest.mark.parametrize("placement", ["task-q", "shared+task", "conv1d-shared", "dropout", "cf-stream"])
@@ -478,14 +492,61 @@ def test_model_layer_runs_the_fused_projection(monkeypatch, placement):
         assert (a - b).abs().max() < 1e-4 * max(1.0, b.abs().max().item())
 
 
-def test_model_layer_leaves_zero3_partitioned_weights_to_the_base_module(monkeypatch):
+def test_model_layer_leaves_hooked_or_partitioned_bases_to_the_base_module(monkeypatch):
     """Under ZeRO-3 the frozen weight is gathered only in the base module's own forward (its
-    hook), so a partitioned weight (DeepSpeed marks it with ``ds_id``) keeps the separate op."""
+    hook), so a partitioned weight (DeepSpeed marks it with ``ds_id``) or any hook on the base
+    keeps the separate op."""
     from ckf_dist.model import multi_lora as mml
     monkeypatch.setattr(mml, "_kernel_device", lambda x: True)
     base = torch.nn.Linear(8, 8, bias=False).requires_grad_(False)
     layer = mml.MultiLoraLinear(base, "proj", 2, mml.AdapterSpec(4, 8.0), None, 0.0, mml.LoraRouting())
     x = torch.randn(1, 3, 8)
     assert layer._linear_kernel(x) is not None
+    handle = base.register_forward_pre_hook(lambda mod, args: None)
+    assert layer._linear_kernel(x) is None
+    handle.remove()
+    assert layer._linear_kernel(x) is not None
     base.weight.ds_id = 7
     assert layer._linear_kernel(x) is None
+
+
+def test_whole_model_with_the_fused_projection_matches_the_torch_path(monkeypatch):
+    """A tiny Llama CKF model in fp32, both streams, LoRA dropout 0.1 (the same masks on both
+    paths): loss and every trainable gradient through the fused projection op equal the
+    torch path's."""
+    from ckf_dist.model import LoraConfig, ModelConfig, build_ckf_model
+    from ckf_dist.model import multi_lora as mml
+    from ckf_dist.model.backbone import tiny_backbone
+    from ckf_dist.model.testing import randomize_adapters, synthetic_batch
+    monkeypatch.setattr(mml, "_kernel_device", lambda x: True)
+    g = torch.Generator().manual_seed(0)
+    cfg = ModelConfig(backbone="tiny-llama", lora=LoraConfig(r=8, alpha=16.0, dropout=0.1))
+    model = build_ckf_model(cfg, tiny_backbone("llama"), torch.randn(50, 8, generator=g),
+                            torch.randn(80, 8, generator=g), n_tasks=4)
+    randomize_adapters(model, std=0.05)
+    model.train()
+    vocab = model.backbone.config.vocab_size
+    batch = synthetic_batch([0, 3, 1, 2], 50, 80, vocab=vocab, prompt_len=10, answer_len=4, history_len=5, seed=1)
+    calls = {"n": 0}
+    real = mml._triton_op
+
+    def counting(name="multi_lora_triton"):
+        calls["n"] += name == "linear_multi_lora_triton"
+        return real(name)
+    monkeypatch.setattr(mml, "_triton_op", counting)
+
+    def run(fused):
+        for layer in model.lora_layers():
+            layer.fused_kernels = fused
+        torch.manual_seed(3)
+        loss, _ = model.loss(batch, step=10, total_steps=100)
+        params = model.trainable_parameters()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return loss, torch.cat([(gr if gr is not None else torch.zeros_like(p)).flatten()
+                                for gr, p in zip(grads, params)])
+    loss_t, grads_t = run(False)
+    assert calls["n"] == 0
+    loss_f, grads_f = run(True)
+    assert calls["n"] > 0
+    assert abs(loss_f.item() - loss_t.item()) < 1e-5
+    assert ((grads_f - grads_t).norm() / grads_t.norm()).item() < 1e-5

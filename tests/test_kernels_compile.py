@@ -20,7 +20,7 @@ tl = pytest.importorskip("triton.language")
 
 KERNELS = Path(__file__).resolve().parents[1] / "ckf_dist" / "kernels" / "_triton_multi_lora.py"
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-POINTERS = {"IDS": "*i64", "FLAG": "*i32", "CH_LO": "*i32", "CH_HI": "*i32", "H": "*fp32",
+POINTERS = {"IDS": "*i64", "FLAG": "*i32", "KEEP": "*u8", "CH_LO": "*i32", "CH_HI": "*i32", "H": "*fp32",
             "GB": "*fp32", "GA": "*fp32", "PSB": "*fp32", "PTB": "*fp32", "PSA": "*fp32", "PTA": "*fp32"}
 DATA = {"M", "Y", "AS", "AT", "BS", "BT", "MB", "MA", "GBS", "GBT", "GAS", "GAT", "X", "W", "BIAS", "ES", "ET"}
 
@@ -92,10 +92,10 @@ def test_kernels_compile_for_hopper(compiled_module, variant):
     common = dict(HAS_S=has_s, HAS_T=has_t, RS_P=rs_p, RT_P=rt_p, COMPUTE=compute,
                   PREC="ieee" if dtype == "fp32" else "tf32")
     sass = [compile_sm90(compiled_module, mod._lora_kernel, dtype,
-                         dict(common, SAVE_H=True, ACCUM=has_s and has_t, EXPAND=True, CHECK=has_t, BM=bm, BK=128,
-                              BN=128), warps)[0],
-
-            compile_sm90(compiled_module, mod._dw_kernel, dtype, dict(common, BM=64, BD=64), 4)[0]]
+                         dict(common, SAVE_H=True, ACCUM=has_s and has_t, EXPAND=True, HAS_MASK=False, CHECK=has_t,
+                              BM=bm, BK=128, BN=128), warps)[0],
+            compile_sm90(compiled_module, mod._dw_kernel, dtype, dict(common, BM=64, BD=64, HAS_MASK=False), 4)[0],
+            compile_sm90(compiled_module, mod._dw_kernel, dtype, dict(common, BM=64, BD=64, HAS_MASK=True), 4)[0]]
     if dtype != "fp32":          # half-precision products must run on the tensor cores
         assert all("HGMMA" in s or "HMMA" in s for s in sass)
 
@@ -106,16 +106,20 @@ def test_small_kernels_compile(compiled_module):
                      {"HAS_S": has_s, "HAS_T": has_t, "BLOCK": 1024}, 4)
 
 
-GEMM_ALIGNED = {"X", "W", "Y", "BIAS", "H", "IDS", "ES", "ET", "sxm", "swk", "swn", "sym", "ses_n", "ses_r",
+GEMM_ALIGNED = {"X", "W", "Y", "BIAS", "H", "IDS", "KEEP", "skm", "ES", "ET", "sxm", "swk", "swn", "sym", "ses_n",
+                "ses_r",
                 "set_t", "set_n", "set_r", "N_ROWS", "NOUT", "K", "RS", "RT", "RC", "M_BUCKET"}
 
 
 # The projection GEMM with the adapters' expand in its epilogue, at every autotuner tile, as
 # launched at 4096 x 4096 with r = 16 + 16 (unit strides and multiples of 16 specialised as
 # a launch does): forward (x @ weight^T, the weight's rows along K) with shared + task + bias,
-# shared only, task only, and the dX pass (dy @ weight, rows along N). It must reach the
+# shared only, task only, and the dX pass (dy @ weight, rows along N), with a dropout mask at
+# the tiles the autotuner keeps for it. It must reach the
 # tensor cores (HGMMA: Hopper's wgmma) and must not spill.
-LAYOUTS = {"fwd": dict(sxk=1, swk=1, syn=1, ses_r=1, set_r=1), "dx": dict(sxk=1, swn=1, syn=1, ses_n=1, set_n=1)}
+LAYOUTS = {"fwd": dict(sxk=1, swk=1, syn=1, ses_r=1, set_r=1, HAS_MASK=False),
+           "dx": dict(sxk=1, swn=1, syn=1, ses_n=1, set_n=1, HAS_MASK=False),
+           "dx-dropout": dict(sxk=1, swn=1, syn=1, ses_n=1, set_n=1, skn=1, HAS_MASK=True)}
 
 
 @pytest.mark.parametrize("tile", list(range(6)), ids=lambda i: "tile%d" % i)
@@ -124,6 +128,8 @@ def test_gemm_lora_compiles_for_hopper_without_spills(compiled_module, tile):
     assert len(mod._GEMM_TILES) == 6, "update the parametrization to the autotuner's tiles"
     bm, bn, bk, stages, warps = mod._GEMM_TILES[tile]
     variants = [("fwd", True, True, True), ("dx", True, True, False)]
+    if mod._fits_dropout_epilogue(bm, bn, warps):      # the autotuner prunes the others for dropout
+        variants.append(("dx-dropout", True, True, False))
     if tile == 0:
         variants += [("fwd", True, False, False), ("fwd", False, True, False), ("fwd", False, False, False)]
     for layout, has_s, has_t, bias in variants:
@@ -136,7 +142,8 @@ def test_gemm_lora_compiles_for_hopper_without_spills(compiled_module, tile):
         assert "STACK:0" in usage.replace(" ", ""), f"spills at {layout} {consts}: {usage}"
 
 
-SHRINK_ALIGNED = {"M", "Y", "H", "IDS", "FLAG", "AS", "AT", "BS", "BT", "stride_mm", "stride_ym", "sas_r", "sat_t",
+SHRINK_ALIGNED = {"M", "Y", "H", "IDS", "FLAG", "KEEP", "stride_km", "AS", "AT", "BS", "BT", "stride_mm", "stride_ym",
+                  "sas_r", "sat_t",
                   "sat_r", "sbs_n", "sbt_t", "sbt_n", "N_ROWS", "K", "NOUT", "RS", "RT", "RC"}
 
 
@@ -146,11 +153,36 @@ SHRINK_ALIGNED = {"M", "Y", "H", "IDS", "FLAG", "AS", "AT", "BS", "BT", "stride_
 @pytest.mark.parametrize("bm", [64, 128])
 def test_shrink_pass_compiles_without_spills(compiled_module, bm):
     mod = compiled_module[0]
-    for has_s, has_t in ((True, True), (True, False), (False, True)):
+    for has_s, has_t, masked in ((True, True, False), (True, False, False), (False, True, False), (True, True, True)):
         consts = dict(HAS_S=has_s, HAS_T=has_t, RS_P=16, RT_P=16, COMPUTE=tl.bfloat16, PREC="tf32", SAVE_H=True,
-                      ACCUM=False, EXPAND=False, CHECK=has_t, BM=bm, BK=128, BN=64,
-                      stride_mk=1, sas_k=1, sat_k=1, stride_yn=1, sbs_r=1, sbt_r=1)
+                      ACCUM=False, EXPAND=False, HAS_MASK=masked, CHECK=has_t, BM=bm, BK=128, BN=64,
+                      stride_mk=1, stride_kk=1, sas_k=1, sat_k=1, stride_yn=1, sbs_r=1, sbt_r=1)
         sass, usage = compile_sm90(compiled_module, mod._lora_kernel, "bf16", consts, 4, 3,
                                    aligned=SHRINK_ALIGNED - set(consts))
         assert "HGMMA" in sass or "HMMA" in sass, consts
+        assert "STACK:0" in usage.replace(" ", ""), f"spills at {consts}: {usage}"
+
+
+def test_dropout_epilogue_keeps_tiles(compiled_module):
+    mod = compiled_module[0]
+    cfgs = mod._gemm_lora_tuned.configs
+    kept = mod._prune_gemm_tiles(cfgs, {}, HAS_MASK=True)
+    assert 0 < len(kept) < len(cfgs) and mod._prune_gemm_tiles(cfgs, {}, HAS_MASK=False) == cfgs
+
+
+DW_ALIGNED = {"MB", "GB", "PSB", "PTB", "MA", "KEEP", "GA", "PSA", "PTA", "IDS", "CH_LO", "CH_HI", "smb_m", "sma_m", "skm",
+              "DB", "DA", "N_ROWS", "CHUNK", "RS", "RT", "RC"}
+
+
+# The weight-gradient kernel as launched on contiguous dy / x [N, 4096] (unit strides
+# specialised), with and without the dropout mask on x: tensor cores, no spills.
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "dropout-mask"])
+def test_dw_kernel_compiles_without_spills(compiled_module, masked):
+    mod = compiled_module[0]
+    for has_s, has_t in ((True, True), (True, False), (False, True)):
+        consts = dict(HAS_S=has_s, HAS_T=has_t, RS_P=16, RT_P=16, COMPUTE=tl.bfloat16, PREC="tf32", BM=64, BD=64,
+                      HAS_MASK=masked, smb_d=1, sma_d=1, skd=1)
+        sass, usage = compile_sm90(compiled_module, mod._dw_kernel, "bf16", consts, 4, 3,
+                                   aligned=DW_ALIGNED - set(consts))
+        assert "HGMMA" in sass, consts
         assert "STACK:0" in usage.replace(" ", ""), f"spills at {consts}: {usage}"

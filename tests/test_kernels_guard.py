@@ -45,6 +45,8 @@ def _interpreter():
 
 
 def _fill(dtype):
+    if dtype == torch.uint8:                  # dropout keep masks: 0/1 values, so any other byte shows
+        return 0xA5
     return float("nan") if dtype.is_floating_point else -(1 << 30) + 7
 
 
@@ -171,10 +173,11 @@ class AccessChecker:
 
 
 def run_guarded(monkeypatch, n, d_in, d_out, rs, rt, t, dist, dtype, config=GPU_CFG, seed=0,
-                scales=(2.0, 4.0), tol=None, check=False, linear=False):
+                scales=(2.0, 4.0), tol=None, check=False, linear=False, masked=False):
     """Forward + backward with every tensor guarded. ``check``: go through the CUDA launch
     path's in-kernel id check (CHECK=True, atomic on the flag) that the CPU path skips.
-    ``linear``: the op is linear_multi_lora_triton (frozen weight and bias, guarded too)."""
+    ``linear``: the op is linear_multi_lora_triton (frozen weight and bias, guarded too);
+    ``masked``: with a LoRA dropout keep mask (uint8, guarded, rows padded)."""
     gen = torch.Generator().manual_seed(seed)
     gb = Guarded()
     chk = AccessChecker()
@@ -201,6 +204,10 @@ def run_guarded(monkeypatch, n, d_in, d_out, rs, rt, t, dist, dtype, config=GPU_
     dy = gb.new((n, d_out), dtype, "dy", pad_cols=5, fill_view=dy64.to(dtype))
 
     base = None
+    keep = None
+    if masked:
+        keep = gb.new((n, d_in), torch.uint8, "keep", pad_cols=9,
+                      fill_view=(torch.rand(n, d_in, generator=gen) > 0.3).to(torch.uint8))
     if linear:
         w64 = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) * d_in ** -0.5
         weight = gb.new((d_out, d_in), dtype, "weight", pad_cols=7, fill_view=w64.to(dtype))
@@ -210,11 +217,12 @@ def run_guarded(monkeypatch, n, d_in, d_out, rs, rt, t, dist, dtype, config=GPU_
         flag = gb.new((1,), torch.int32, "flag", fill_view=torch.ones(1, dtype=torch.int32))
         monkeypatch.setattr(ml, "_flag", lambda dev: flag)
         if linear:
-            y = _LinearLoraFn.apply(x, None, weight, bias, a_s, b_s, a_t, b_t, ids, t, *scales, config, True)
+            y = _LinearLoraFn.apply(x, None, keep, weight, bias, a_s, b_s, a_t, b_t, ids, t, *scales, config, True)
         else:
             y = ml._MultiLoraFn.apply(None, x, a_s, b_s, a_t, b_t, ids, t, *scales, config, True)
     elif linear:
-        y = linear_multi_lora_triton(x, weight, bias, a_s, b_s, a_t, b_t, ids, *scales, config=config)
+        y = linear_multi_lora_triton(x, weight, bias, a_s, b_s, a_t, b_t, ids, *scales, lora_mask=keep,
+                                     config=config)
     else:
         y = multi_lora_triton(x, a_s, b_s, a_t, b_t, ids, *scales, config=config)
     leaves = [v for v in (x, a_s, b_s, a_t, b_t) if v is not None]
@@ -228,7 +236,8 @@ def run_guarded(monkeypatch, n, d_in, d_out, rs, rt, t, dist, dtype, config=GPU_
     bad = gb.check_bands()
     assert not bad, f"guard bands overwritten: {bad}"
     if tol is not None:
-        ref = multi_lora_reference(x, a_s, b_s, a_t, b_t, ids, *scales)
+        src = x if keep is None else x * keep.to(x.dtype)
+        ref = multi_lora_reference(src, a_s, b_s, a_t, b_t, ids, *scales)
         ref = ref if base is None else ref + base
         ref_grads = torch.autograd.grad(ref, leaves, dy.double())
         for name, got, want in zip(["y", "x", "a_s", "b_s", "a_t", "b_t"], [y, *grads], [ref, *ref_grads]):
@@ -265,15 +274,18 @@ def test_tilings_in_bounds(monkeypatch, cfg):
     run_guarded(monkeypatch, 61, 70, 45, 8, 64, 7, "zipf", torch.float32, config=cfg, tol=1e-5)
 
 
-@pytest.mark.parametrize("rs,rt,dist,dtype", [(8, 64, "zipf", torch.float16), (16, 0, "uniform", torch.float32),
-                                              (0, 16, "zipf", torch.bfloat16)],
-                         ids=["both-fp16", "shared-only-fp32", "task-only-bf16"])
-def test_fused_projection_in_bounds(monkeypatch, rs, rt, dist, dtype):
+@pytest.mark.parametrize("rs,rt,dist,dtype,masked", [(8, 64, "zipf", torch.float16, False),
+                                                     (16, 0, "uniform", torch.float32, False),
+                                                     (0, 16, "zipf", torch.bfloat16, False),
+                                                     (8, 16, "zipf", torch.float16, True)],
+                         ids=["both-fp16", "shared-only-fp32", "task-only-bf16", "dropout-mask-fp16"])
+def test_fused_projection_in_bounds(monkeypatch, rs, rt, dist, dtype, masked):
     """linear_multi_lora_triton (shrink, GEMM with the expand in its epilogue, dX GEMM, dW) at
     GPU-sized GEMM tiles, every tile partial, through the CUDA path's id check."""
     cfg = dataclasses.replace(GPU_CFG, gemm_block_m=64, gemm_block_n=64, gemm_block_k=64, gemm_group_m=2,
                               shrink_block_m=64)
-    run_guarded(monkeypatch, 83, 150, 131, rs, rt, 5, dist, dtype, config=cfg, tol=1e-2, check=True, linear=True)
+    run_guarded(monkeypatch, 83, 150, 131, rs, rt, 5, dist, dtype, config=cfg, tol=1e-2, check=True, linear=True,
+                masked=masked)
 
 
 @pytest.mark.skipif(os.environ.get("CKF_FULL_GUARD") != "1", reason="minutes under the interpreter: CKF_FULL_GUARD=1")

@@ -62,15 +62,17 @@ def _row_tasks(IDS, offs, mask, T):
 
 
 @triton.jit
-def _tile(m_rows, stride_mk, y_rows, stride_yn, h_rows, offs, mask_m, task, t_lo, t_hi,
+def _tile(m_rows, stride_mk, k_rows, stride_kk, y_rows, stride_yn, h_rows, offs, mask_m, task, t_lo, t_hi,
           AS, sas_r, sas_k, AT, sat_t, sat_r, sat_k, BS, sbs_n, sbs_r, BT, sbt_t, sbt_n, sbt_r,
           K, NOUT, RS, RT, scale_s, scale_t,
           HAS_S: tl.constexpr, HAS_T: tl.constexpr, MIXED: tl.constexpr, SAVE_H: tl.constexpr,
-          ACCUM: tl.constexpr, EXPAND: tl.constexpr, RS_P: tl.constexpr, RT_P: tl.constexpr, BM: tl.constexpr,
-          BK: tl.constexpr, BN: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr):
+          ACCUM: tl.constexpr, EXPAND: tl.constexpr, HAS_MASK: tl.constexpr, RS_P: tl.constexpr,
+          RT_P: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, COMPUTE: tl.constexpr,
+          PREC: tl.constexpr):
     """Shrink, scale, save H, expand for one block of rows. MIXED: the block holds several
     tasks (loop over t_lo..t_hi); else every valid row has task t_lo. Without EXPAND only
-    H is computed (the shrink pass of linear_multi_lora_triton: no expand code, fewer registers)."""
+    H is computed (the shrink pass of linear_multi_lora_triton: no expand code, fewer registers).
+    HAS_MASK: the shrink reads M * keep (LoRA dropout's 0/1 mask, uint8, k_rows/stride_kk)."""
     r_s = tl.arange(0, RS_P)
     r_t = tl.arange(0, RT_P)
     acc_s = tl.full((BM, RS_P), 0.0, dtype=tl.float32)
@@ -81,6 +83,9 @@ def _tile(m_rows, stride_mk, y_rows, stride_yn, h_rows, offs, mask_m, task, t_lo
         mask_k = kk < K
         x = tl.load(m_rows + kk[None, :] * stride_mk, mask=mask_m[:, None] & mask_k[None, :],
                     other=0.0).to(COMPUTE)
+        if HAS_MASK:
+            keep = tl.load(k_rows + kk[None, :] * stride_kk, mask=mask_m[:, None] & mask_k[None, :], other=0)
+            x = tl.where(keep != 0, x, tl.full((BM, BK), 0.0, dtype=COMPUTE))
         if HAS_S:
             w = tl.load(AS + r_s[None, :] * sas_r + kk[:, None] * sas_k,
                         mask=(r_s[None, :] < RS) & mask_k[:, None], other=0.0).to(COMPUTE)
@@ -144,12 +149,12 @@ def _expand(y_rows, stride_yn, hs, ht, mask_m, task, t_lo, t_hi, BS, sbs_n, sbs_
 
 
 @triton.jit
-def _lora_kernel(M, stride_mm, stride_mk, Y, stride_ym, stride_yn, H, IDS, FLAG,
+def _lora_kernel(M, stride_mm, stride_mk, KEEP, stride_km, stride_kk, Y, stride_ym, stride_yn, H, IDS, FLAG,
                  AS, sas_r, sas_k, AT, sat_t, sat_r, sat_k,
                  BS, sbs_n, sbs_r, BT, sbt_t, sbt_n, sbt_r,
                  N_ROWS, K, NOUT, RS, RT, RC, T, scale_s, scale_t,
                  HAS_S: tl.constexpr, HAS_T: tl.constexpr, SAVE_H: tl.constexpr, ACCUM: tl.constexpr,
-                 EXPAND: tl.constexpr, CHECK: tl.constexpr, RS_P: tl.constexpr, RT_P: tl.constexpr, BM: tl.constexpr,
+                 EXPAND: tl.constexpr, HAS_MASK: tl.constexpr, CHECK: tl.constexpr, RS_P: tl.constexpr, RT_P: tl.constexpr, BM: tl.constexpr,
                  BK: tl.constexpr, BN: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr):
     """Y[rows] (+)= scale * (M[rows] @ A^T) @ B^T for both adapters (see module docstring).
     Shrink weights as (r, k) strides, expand weights as (n, r) strides."""
@@ -158,6 +163,7 @@ def _lora_kernel(M, stride_mm, stride_mk, Y, stride_ym, stride_yn, H, IDS, FLAG,
     mask_m = offs < N_ROWS
     rows = offs.to(tl.int64)
     m_rows = M + rows[:, None] * stride_mm
+    k_rows = KEEP + rows[:, None] * stride_km
     y_rows = Y + rows[:, None] * stride_ym
     h_rows = H + rows[:, None] * RC
     task = tl.full((BM,), 0, dtype=tl.int32)
@@ -171,22 +177,22 @@ def _lora_kernel(M, stride_mm, stride_mk, Y, stride_ym, stride_yn, H, IDS, FLAG,
             tl.atomic_min(FLAG + offs * 0, tl.full((BM,), 0, dtype=tl.int32), mask=bad)
     if t_lo >= t_hi:     # one task (or none) in the block: the dense fast path
         t_u = tl.minimum(tl.maximum(t_lo, 0), tl.maximum(T - 1, 0))
-        _tile(m_rows, stride_mk, y_rows, stride_yn, h_rows, offs, mask_m, task, t_u, t_u,
+        _tile(m_rows, stride_mk, k_rows, stride_kk, y_rows, stride_yn, h_rows, offs, mask_m, task, t_u, t_u,
               AS, sas_r, sas_k, AT, sat_t, sat_r, sat_k, BS, sbs_n, sbs_r, BT, sbt_t, sbt_n, sbt_r,
-              K, NOUT, RS, RT, scale_s, scale_t, HAS_S, HAS_T, False, SAVE_H, ACCUM, EXPAND,
+              K, NOUT, RS, RT, scale_s, scale_t, HAS_S, HAS_T, False, SAVE_H, ACCUM, EXPAND, HAS_MASK,
               RS_P, RT_P, BM, BK, BN, COMPUTE, PREC)
     else:
-        _tile(m_rows, stride_mk, y_rows, stride_yn, h_rows, offs, mask_m, task, t_lo, t_hi,
+        _tile(m_rows, stride_mk, k_rows, stride_kk, y_rows, stride_yn, h_rows, offs, mask_m, task, t_lo, t_hi,
               AS, sas_r, sas_k, AT, sat_t, sat_r, sat_k, BS, sbs_n, sbs_r, BT, sbt_t, sbt_n, sbt_r,
-              K, NOUT, RS, RT, scale_s, scale_t, HAS_S, HAS_T, True, SAVE_H, ACCUM, EXPAND,
+              K, NOUT, RS, RT, scale_s, scale_t, HAS_S, HAS_T, True, SAVE_H, ACCUM, EXPAND, HAS_MASK,
               RS_P, RT_P, BM, BK, BN, COMPUTE, PREC)
 
 
 @triton.jit
-def _gemm_lora_kernel(X, sxm, sxk, W, swk, swn, Y, sym, syn, BIAS, H, IDS,
+def _gemm_lora_kernel(X, sxm, sxk, W, swk, swn, Y, sym, syn, BIAS, H, IDS, KEEP, skm, skn,
                       ES, ses_n, ses_r, ET, set_t, set_n, set_r,
                       N_ROWS, NOUT, K, RS, RT, RC, T, M_BUCKET,
-                      HAS_BIAS: tl.constexpr, HAS_S: tl.constexpr, HAS_T: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_S: tl.constexpr, HAS_T: tl.constexpr, HAS_MASK: tl.constexpr,
                       RS_P: tl.constexpr, RT_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                       COMPUTE: tl.constexpr, PREC: tl.constexpr):
@@ -195,7 +201,9 @@ def _gemm_lora_kernel(X, sxm, sxk, W, swk, swn, Y, sym, syn, BIAS, H, IDS,
     accumulator in registers (no second pass over Y). X [N, K], W as (k, n) strides, H the
     scaled rank-space activations [N, RC] fp32 from the shrink pass, E_s (n, r) and E_t
     (t, n, r) strides. Forward: X = x, W = weight^T, E = B. Backward (dX): X = dy,
-    W = weight, H = dG, E = A^T. M_BUCKET only keys the autotuner (unused here)."""
+    W = weight, H = dG, E = A^T; with HAS_MASK (LoRA dropout) the adapters' part is multiplied
+    by the keep mask (uint8 [N, NOUT]) before it is added: dx = dy W + keep * (dG A).
+    M_BUCKET only keys the autotuner (unused here)."""
     pid = tl.program_id(0)
     n_m = (N_ROWS + BM - 1) // BM
     n_n = (NOUT + BN - 1) // BN
@@ -226,6 +234,9 @@ def _gemm_lora_kernel(X, sxm, sxk, W, swk, swn, Y, sym, syn, BIAS, H, IDS,
         w_ptrs += BK * swk
     # epilogue: the adapters' expand on this tile, from rank space (a few KB per tile)
     h_rows = H + rows[:, None] * RC
+    if HAS_MASK:
+        base = acc
+        acc = tl.full((BM, BN), 0.0, dtype=tl.float32)
     if HAS_S:
         r_s = tl.arange(0, RS_P)
         hs = tl.load(h_rows + r_s[None, :], mask=mask_m[:, None] & (r_s[None, :] < RS), other=0.0)
@@ -248,6 +259,10 @@ def _gemm_lora_kernel(X, sxm, sxk, W, swk, swn, Y, sym, syn, BIAS, H, IDS,
                 et = tl.load(ET + tl.cast(t, tl.int64) * set_t + e_cols, mask=e_mask, other=0.0)
                 hm = tl.where(task[:, None] == t, ht, tl.full((BM, RT_P), 0.0, dtype=COMPUTE))
                 acc = tl.dot(hm, et.to(COMPUTE), acc, input_precision=PREC)
+    if HAS_MASK:
+        keep = tl.load(KEEP + rows[:, None] * skm + offs_n[None, :].to(tl.int64) * skn,
+                       mask=mask_m[:, None] & mask_n[None, :], other=0)
+        acc = base + tl.where(keep != 0, acc, 0.0)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = Y + rows[:, None] * sym + offs_n[None, :].to(tl.int64) * syn
@@ -255,13 +270,13 @@ def _gemm_lora_kernel(X, sxm, sxk, W, swk, swn, Y, sym, syn, BIAS, H, IDS,
 
 
 @triton.jit
-def _dw_body(M, smm, smd, G, D, d0, PS, PT, IDS, CH_LO, CH_HI, c, write_range,
-             start, end, RS, RT, RC, T, TRANS: tl.constexpr,
+def _dw_body(M, smm, smd, KEEP, skm, skd, G, D, d0, PS, PT, IDS, CH_LO, CH_HI, c, write_range,
+             start, end, RS, RT, RC, T, TRANS: tl.constexpr, MASKED: tl.constexpr,
              HAS_S: tl.constexpr, HAS_T: tl.constexpr, RS_P: tl.constexpr, RT_P: tl.constexpr,
              BM: tl.constexpr, BD: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr):
     """Partials of M[chunk]^T G[chunk] for one hidden tile: shared into PS[c], task t into
     PT[c, t] for every t in the chunk's task range; element (d, r) at d * R + r, or at
-    r * D + d with TRANS."""
+    r * D + d with TRANS. MASKED: M is multiplied by the keep mask (uint8, KEEP strides)."""
     offs_d = d0 + tl.arange(0, BD)
     mask_d = offs_d < D
     r_s = tl.arange(0, RS_P)
@@ -288,6 +303,10 @@ def _dw_body(M, smm, smd, G, D, d0, PS, PT, IDS, CH_LO, CH_HI, c, write_range,
                     rows = om.to(tl.int64)
                     mt = tl.load(M + rows[None, :] * smm + offs_d[:, None] * smd,
                                  mask=mask_d[:, None] & mm[None, :], other=0.0).to(COMPUTE)   # [BD, BM]
+                    if MASKED:
+                        kt = tl.load(KEEP + rows[None, :] * skm + offs_d[:, None] * skd,
+                                     mask=mask_d[:, None] & mm[None, :], other=0)
+                        mt = tl.where(kt != 0, mt, tl.full((BD, BM), 0.0, dtype=COMPUTE))
                     g = G + rows[:, None] * RC
                     gt = tl.load(g + RS + r_t[None, :], mask=mm[:, None] & (r_t[None, :] < RT), other=0.0)
                     gt = tl.where(tk[:, None] == t, gt, 0.0).to(COMPUTE)
@@ -311,6 +330,10 @@ def _dw_body(M, smm, smd, G, D, d0, PS, PT, IDS, CH_LO, CH_HI, c, write_range,
             rows = om.to(tl.int64)
             mt = tl.load(M + rows[None, :] * smm + offs_d[:, None] * smd,
                          mask=mask_d[:, None] & mm[None, :], other=0.0).to(COMPUTE)
+            if MASKED:
+                kt = tl.load(KEEP + rows[None, :] * skm + offs_d[:, None] * skd,
+                             mask=mask_d[:, None] & mm[None, :], other=0)
+                mt = tl.where(kt != 0, mt, tl.full((BD, BM), 0.0, dtype=COMPUTE))
             gs = tl.load(G + rows[:, None] * RC + r_s[None, :], mask=mm[:, None] & (r_s[None, :] < RS),
                          other=0.0).to(COMPUTE)
             acc_s = tl.dot(mt, gs, acc_s, input_precision=PREC)
@@ -325,22 +348,23 @@ def _dw_body(M, smm, smd, G, D, d0, PS, PT, IDS, CH_LO, CH_HI, c, write_range,
 
 
 @triton.jit
-def _dw_kernel(MB, smb_m, smb_d, GB, DB, PSB, PTB, MA, sma_m, sma_d, GA, DA, PSA, PTA,
+def _dw_kernel(MB, smb_m, smb_d, GB, DB, PSB, PTB, MA, sma_m, sma_d, KEEP, skm, skd, GA, DA, PSA, PTA,
                IDS, CH_LO, CH_HI, N_ROWS, CHUNK, TILES_B, RS, RT, RC, T,
-               HAS_S: tl.constexpr, HAS_T: tl.constexpr, RS_P: tl.constexpr, RT_P: tl.constexpr,
+               HAS_S: tl.constexpr, HAS_T: tl.constexpr, HAS_MASK: tl.constexpr, RS_P: tl.constexpr, RT_P: tl.constexpr,
                BM: tl.constexpr, BD: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr):
     """Grid (chunks, hidden tiles of dB then of dA). dB partials are stored (d, r) as in
-    b [out, r]; dA partials (r, d) as in a [r, in], so the sums land in place."""
+    b [out, r]; dA partials (r, d) as in a [r, in], so the sums land in place. HAS_MASK: the
+    dA problem's M (x) is multiplied by the keep mask (LoRA dropout)."""
     c = tl.program_id(0)
     pid_d = tl.program_id(1)
     start = c * CHUNK
     end = tl.minimum(start + CHUNK, N_ROWS)
     if pid_d < TILES_B:
-        _dw_body(MB, smb_m, smb_d, GB, DB, pid_d * BD, PSB, PTB, IDS, CH_LO, CH_HI,
-                 c, pid_d == 0, start, end, RS, RT, RC, T, False, HAS_S, HAS_T, RS_P, RT_P, BM, BD, COMPUTE, PREC)
+        _dw_body(MB, smb_m, smb_d, KEEP, skm, skd, GB, DB, pid_d * BD, PSB, PTB, IDS, CH_LO, CH_HI,
+                 c, pid_d == 0, start, end, RS, RT, RC, T, False, False, HAS_S, HAS_T, RS_P, RT_P, BM, BD, COMPUTE, PREC)
     else:
-        _dw_body(MA, sma_m, sma_d, GA, DA, (pid_d - TILES_B) * BD, PSA, PTA, IDS, CH_LO, CH_HI,
-                 c, False, start, end, RS, RT, RC, T, True, HAS_S, HAS_T, RS_P, RT_P, BM, BD, COMPUTE, PREC)
+        _dw_body(MA, sma_m, sma_d, KEEP, skm, skd, GA, DA, (pid_d - TILES_B) * BD, PSA, PTA, IDS, CH_LO, CH_HI,
+                 c, False, start, end, RS, RT, RC, T, True, HAS_MASK, HAS_S, HAS_T, RS_P, RT_P, BM, BD, COMPUTE, PREC)
 
 
 @triton.jit
@@ -395,8 +419,24 @@ def _wsum_kernel(PSB, PTB, PSA, PTA, CH_LO, CH_HI, N_CHUNKS, DB, DA, RS, RT, T,
 _GEMM_TILES = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
                (64, 256, 64, 4, 4), (128, 64, 64, 4, 4)]
 
+
+
+def _fits_dropout_epilogue(bm: int, bn: int, warps: int) -> bool:
+    """The dX epilogue with a dropout mask keeps a second BM x BN fp32 accumulator: with more
+    than 64 accumulator registers per thread the two no longer fit (spills at sm_90)."""
+    return bm * bn <= 64 * 32 * warps
+
+
+def _prune_gemm_tiles(configs, named_args, **kwargs):
+    if not kwargs.get("HAS_MASK"):
+        return configs
+    fit = [c for c in configs if _fits_dropout_epilogue(c.kwargs["BM"], c.kwargs["BN"], c.num_warps)]
+    return fit or configs
+
+
 _gemm_lora_heur = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BK"] == 0})(_gemm_lora_kernel)
 _gemm_lora_tuned = triton.autotune(
     configs=[triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_stages=st, num_warps=wp)
              for bm, bn, bk, st, wp in _GEMM_TILES],
-    key=["NOUT", "K", "M_BUCKET", "swk", "HAS_S", "HAS_T"])(_gemm_lora_heur)      # swk: forward or dX layout
+    key=["NOUT", "K", "M_BUCKET", "swk", "HAS_S", "HAS_T", "HAS_MASK"],       # swk: forward or dX layout
+    prune_configs_by={"early_config_prune": _prune_gemm_tiles})(_gemm_lora_heur)

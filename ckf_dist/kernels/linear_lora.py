@@ -22,9 +22,16 @@ projection's own GEMM (``_gemm_lora_kernel``), on the accumulator tile in regist
 So the adapter's extra traffic is one read of x (forward) and of dy plus dy and x
 (backward, the dW pass), against the GEMMs' own, with no extra write of an N x hidden
 tensor. The weight and bias are frozen (no gradient; a weight that requires grad is
-refused). With LoRA dropout, the caller passes ``x_lora = dropout(x)``: the base GEMM
-reads x and the adapter x_lora, and the adapter's input gradient goes to x_lora (the
-dX epilogue is then left out and that gradient is written by the shrink pass instead).
+refused).
+
+LoRA dropout, two ways:
+* ``lora_mask`` (the model's way): dropout's 0/1 keep mask, bool or uint8 (1 byte per
+  element; the 1/(1-p) factor goes into the scales). The shrink reads ``x * keep``, the dX
+  epilogue adds ``keep * (dG A)``, and dA reads ``x * keep``. No dropped copy of x is made
+  or saved, and nothing more is written in backward.
+* ``x_lora = dropout(x)``: the base GEMM reads x and the adapters x_lora. The adapters'
+  input gradient goes to x_lora: the backward shrink pass writes it (expand compiled in)
+  instead of the dX epilogue, and autograd applies the mask and adds.
 
 On the GPU the GEMM's tiles are autotuned per (out, in, row bucket, dtype) on first use;
 under ``TRITON_INTERPRET=1`` (tests) fixed small tiles run. ``KernelConfig.gemm_block_*``
@@ -44,14 +51,16 @@ from .routing import cdiv
 __all__ = ["linear_multi_lora_triton", "triton_linear"]
 
 
-def _gemm(c: _Ctx, m, k_dim, w_kn, y, out_dim, bias, h, expand_s, expand_t, lora: bool) -> None:
-    """``y = m @ W (+ bias) (+ H @ E^T per row's task)``, one launch; ``w_kn`` = (W, stride_k, stride_n)."""
+def _gemm(c: _Ctx, m, k_dim, w_kn, y, out_dim, bias, h, expand_s, expand_t, lora: bool, keep=None) -> None:
+    """``y = m @ W (+ bias) (+ [keep *] H @ E^T per row's task)``, one launch; ``w_kn`` = (W, stride_k, stride_n)."""
     common = dict(c.common)
     if not lora:
         common.update(HAS_S=False, HAS_T=False)
     d32 = _ml._dummy(c.device, torch.float32)
+    kp = keep if keep is not None else _ml._dummy(c.device, torch.uint8).view(1, 1)
     args = (m, m.stride(0), m.stride(1), *w_kn, y, y.stride(0), y.stride(1),
-            bias if bias is not None else d32, h if h is not None else d32, c.ids, *expand_s, *expand_t,
+            bias if bias is not None else d32, h if h is not None else d32, c.ids, kp, kp.stride(0), kp.stride(1),
+            *expand_s, *expand_t,
             c.n, out_dim, k_dim, c.rs, c.rt, c.rc, c.T, max(16, _pow2(c.n)))
     cfg = c.cfg
     if c.interp or cfg.gemm_block_m:
@@ -59,18 +68,18 @@ def _gemm(c: _Ctx, m, k_dim, w_kn, y, out_dim, bias, h, expand_s, expand_t, lora
         bn = cfg.gemm_block_n or 32
         bk = cfg.gemm_block_k or 32
         grid = (cdiv(c.n, bm) * cdiv(out_dim, bn),)
-        c.k._gemm_lora_heur[grid](*args, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk,
+        c.k._gemm_lora_heur[grid](*args, HAS_BIAS=bias is not None, HAS_MASK=keep is not None, BM=bm, BN=bn, BK=bk,
                                   GROUP_M=cfg.gemm_group_m, num_warps=cfg.num_warps or (8 if bm * bn >= 16384 else 4),
                                   num_stages=cfg.num_stages, **common)
     else:
         c.k._gemm_lora_tuned[lambda meta: (cdiv(c.n, meta["BM"]) * cdiv(out_dim, meta["BN"]),)](
-            *args, HAS_BIAS=bias is not None, **common)
+            *args, HAS_BIAS=bias is not None, HAS_MASK=keep is not None, **common)
 
 
 class _LinearLoraFn(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, xl, weight, bias, a_s, b_s, a_t, b_t, ids, n_tasks, scale_s, scale_t, cfg, check):
+    def forward(ctx, x, xl, keep, weight, bias, a_s, b_s, a_t, b_t, ids, n_tasks, scale_s, scale_t, cfg, check):
         src = x if xl is None else xl                    # the adapters' input
         c = _Ctx(src, a_s, a_t, b_s, b_t, ids, n_tasks, cfg)
         n_out = weight.shape[0]
@@ -81,20 +90,20 @@ class _LinearLoraFn(torch.autograd.Function):
             h = _ml._new((c.n, c.rc), torch.float32, x.device)
             none2, none3 = _w(None, (0, 1), d), _w(None, (0, 1, 2), d)
             _lora_pass(c, src, c.n_in, _w(a_s, (0, 1), d), _w(a_t, (0, 1, 2), d), none2, none3,
-                       d.view(1, 1), 0, (scale_s, scale_t), h, False, check)       # shrink only: H
+                       d.view(1, 1), 0, (scale_s, scale_t), h, False, check, keep)  # shrink only: H
             _gemm(c, x, c.n_in, (weight, weight.stride(1), weight.stride(0)), y, n_out, bias, h,
                   _w(b_s, (0, 1), d), _w(b_t, (0, 1, 2), d), True)
-        ctx.save_for_backward(src, weight, a_s, b_s, a_t, b_t, h)
+        ctx.save_for_backward(src, keep, weight, a_s, b_s, a_t, b_t, h)
         ctx.c, ctx.scales, ctx.separate = c, (scale_s, scale_t), xl is not None
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        src, weight, a_s, b_s, a_t, b_t, h = ctx.saved_tensors
+        src, keep, weight, a_s, b_s, a_t, b_t, h = ctx.saved_tensors
         c: _Ctx = ctx.c
         need = ctx.needs_input_grad
-        need_x, need_xl, need_w = need[0], need[1], any(need[4:8])
+        need_x, need_xl, need_w = need[0], need[1], any(need[5:9])
         dev, dt = src.device, src.dtype
         grads = [(_ml._new(w.shape, dt, dev) if w is not None else None) for w in (a_s, b_s, a_t, b_t)] \
             if need_w else [None] * 4
@@ -113,25 +122,26 @@ class _LinearLoraFn(torch.autograd.Function):
                            _w(a_s, (1, 0), d), _w(a_t, (0, 2, 1), d),
                            dxl if need_xl else d.view(1, 1), c.n_in if need_xl else 0, ctx.scales, dg,
                            False, False)
-            if need_x:             # dx = dy W (+ dG A in the epilogue when x feeds the adapters)
+            if need_x:             # dx = dy W (+ [keep *] dG A in the epilogue when x feeds the adapters)
                 fused = not ctx.separate
                 _gemm(c, dy, weight.shape[0], (weight, weight.stride(0), weight.stride(1)), dx, c.n_in,
-                      None, dg if fused else None, _w(a_s, (1, 0), d), _w(a_t, (0, 2, 1), d), fused)
+                      None, dg if fused else None, _w(a_s, (1, 0), d), _w(a_t, (0, 2, 1), d), fused, keep)
             if need_w:
-                _weight_grads(c, dy, h, src, dg, grads)
+                _weight_grads(c, dy, h, src, dg, grads, keep)
         da_s, db_s, da_t, db_t = grads
-        keep = (lambda g, i: g if need[i] else None)
-        return (dx, dxl, None, None, keep(da_s, 4), keep(db_s, 5), keep(da_t, 6), keep(db_t, 7),
+        wanted = (lambda g, i: g if need[i] else None)
+        return (dx, dxl, None, None, None, wanted(da_s, 5), wanted(db_s, 6), wanted(da_t, 7), wanted(db_t, 8),
                 None, None, None, None, None, None)
 
 
 def linear_multi_lora_triton(x, weight, bias, a_shared, b_shared, a_task, b_task, task_ids,
                              scale_shared: float = 1.0, scale_task: float = 1.0, *,
-                             x_lora: torch.Tensor | None = None,
+                             x_lora: torch.Tensor | None = None, lora_mask: torch.Tensor | None = None,
                              config: KernelConfig | None = None) -> torch.Tensor:
-    """``x @ weight^T + bias`` plus the Multi-LoRA delta of ``x_lora`` (default: x), fused
-    (see the module docstring). Differentiable in x, x_lora and the adapter weights; the
-    weight and bias are frozen. ``task_ids`` as in ``multi_lora_triton`` (ids or a Routing).
+    """``x @ weight^T + bias`` plus the Multi-LoRA delta of ``x_lora`` (default: x; with
+    ``lora_mask``, a bool/uint8 0/1 tensor of x's shape: ``x * lora_mask``), fused (see the
+    module docstring). Differentiable in x, x_lora and the adapter weights; the weight and
+    bias are frozen. ``task_ids`` as in ``multi_lora_triton`` (ids or a Routing).
     """
     src = x if x_lora is None else x_lora
     _check(src, a_shared, b_shared, a_task, b_task)
@@ -152,9 +162,18 @@ def linear_multi_lora_triton(x, weight, bias, a_shared, b_shared, a_task, b_task
     if x_lora is not None and (x_lora.shape != x.shape or x_lora.dtype != x.dtype or x_lora.device != x.device):
         raise ValueError(f"linear_multi_lora: x_lora must match x ({tuple(x.shape)} {x.dtype}), got "
                          f"{tuple(x_lora.shape)} {x_lora.dtype}")
+    keep = None
+    if lora_mask is not None:
+        if x_lora is not None:
+            raise ValueError("linear_multi_lora: give x_lora or lora_mask, not both")
+        if lora_mask.shape != x.shape or lora_mask.device != x.device or \
+                lora_mask.dtype not in (torch.bool, torch.uint8):
+            raise ValueError(f"linear_multi_lora: lora_mask must be a bool/uint8 tensor of x's shape "
+                             f"{tuple(x.shape)}, got {tuple(lora_mask.shape)} {lora_mask.dtype}")
+        keep = lora_mask.view(torch.uint8) if lora_mask.dtype == torch.bool else lora_mask
     ids, n_tasks, check = _task_ids(x, a_task, task_ids)
     dt = x.dtype
-    y = _LinearLoraFn.apply(x, x_lora, _cast(weight, dt), _cast(bias, dt), _cast(a_shared, dt),
+    y = _LinearLoraFn.apply(x, x_lora, keep, _cast(weight, dt), _cast(bias, dt), _cast(a_shared, dt),
                             _cast(b_shared, dt), _cast(a_task, dt), _cast(b_task, dt), ids, n_tasks,
                             float(scale_shared), float(scale_task), config or _DEFAULT_CFG, check)
     if check:

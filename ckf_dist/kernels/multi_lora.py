@@ -216,9 +216,10 @@ def _w(t, idx, w_dummy):
 
 
 def _lora_pass(c: _Ctx, m, k_dim, shrink_s, shrink_t, expand_s, expand_t, y, out_dim, scales,
-               h, accum: bool, check: bool) -> None:
+               h, accum: bool, check: bool, keep: torch.Tensor | None = None) -> None:
     """One launch of the fused shrink+expand kernel over all rows (grid from shapes only);
-    ``out_dim == 0``: the shrink alone (H only), compiled without the expand, on larger row blocks."""
+    ``out_dim == 0``: the shrink alone (H only), compiled without the expand, on larger row blocks.
+    ``keep``: LoRA dropout's 0/1 mask (uint8, m's shape): the shrink reads ``m * keep``."""
     expand = out_dim > 0
     if expand:
         bm = c.bm
@@ -227,11 +228,12 @@ def _lora_pass(c: _Ctx, m, k_dim, shrink_s, shrink_t, expand_s, expand_t, y, out
         bm = c.cfg.shrink_block_m or (16 if c.interp else 64)     # 64: wgmma on Hopper
         warps = c.cfg.num_warps or 4
     hh = h if h is not None else _dummy(c.device, torch.float32)
+    kp = keep if keep is not None else _dummy(c.device, torch.uint8).view(1, 1)
     c.k._lora_kernel[(triton_cdiv(c.n, bm),)](
-        m, m.stride(0), m.stride(1), y, y.stride(0), y.stride(1), hh, c.ids,
+        m, m.stride(0), m.stride(1), kp, kp.stride(0), kp.stride(1), y, y.stride(0), y.stride(1), hh, c.ids,
         _flag(c.device) if check else hh, *shrink_s, *shrink_t, *expand_s, *expand_t,
         c.n, k_dim, out_dim, c.rs, c.rt, c.rc, c.T, float(scales[0]), float(scales[1]),
-        SAVE_H=h is not None, ACCUM=accum, EXPAND=expand, CHECK=check, BM=bm, BK=c.cfg.block_k, BN=c.cfg.block_n,
+        SAVE_H=h is not None, ACCUM=accum, EXPAND=expand, HAS_MASK=keep is not None, CHECK=check, BM=bm, BK=c.cfg.block_k, BN=c.cfg.block_n,
         num_warps=warps, num_stages=c.cfg.num_stages, **c.common)
 
 
@@ -239,9 +241,10 @@ def triton_cdiv(a: int, b: int) -> int:
     return max(1, cdiv(a, b))
 
 
-def _weight_grads(c: _Ctx, dy, h, x, dg, grads) -> None:
-    """dB = dy^T H and dA = dG^T x: per-chunk partials in one launch, then in-order sums
-    into ``grads`` = (da_s, db_s, da_t, db_t) (absent adapters: None) in one launch."""
+def _weight_grads(c: _Ctx, dy, h, x, dg, grads, keep: torch.Tensor | None = None) -> None:
+    """dB = dy^T H and dA = dG^T x (x * keep with a dropout mask): per-chunk partials in one
+    launch, then in-order sums into ``grads`` = (da_s, db_s, da_t, db_t) (absent adapters:
+    None) in one launch."""
     dev = c.device
     bmd = c.cfg.block_dm or (16 if c.interp else 64)
     bd = c.cfg.block_d
@@ -260,10 +263,11 @@ def _weight_grads(c: _Ctx, dy, h, x, dg, grads) -> None:
     lo = _new((n_chunks,), torch.int32, dev)
     hi = _new((n_chunks,), torch.int32, dev)
     warps = c.cfg.num_warps or 4
+    kp = keep if keep is not None else _dummy(dev, torch.uint8).view(1, 1)
     c.k._dw_kernel[(n_chunks, tiles_b + tiles_a)](
         dy, dy.stride(0), dy.stride(1), h, c.n_out, psb, ptb,
-        x, x.stride(0), x.stride(1), dg, c.n_in, psa, pta,
-        c.ids, lo, hi, c.n, chunk, tiles_b, c.rs, c.rt, c.rc, c.T,
+        x, x.stride(0), x.stride(1), kp, kp.stride(0), kp.stride(1), dg, c.n_in, psa, pta,
+        c.ids, lo, hi, c.n, chunk, tiles_b, c.rs, c.rt, c.rc, c.T, HAS_MASK=keep is not None,
         BM=bmd, BD=bd, num_warps=warps, num_stages=c.cfg.num_stages, **c.common)
     da_s, db_s, da_t, db_t = grads
     dx_ = _dummy(dev, dy.dtype)

@@ -126,6 +126,22 @@ def lora_dropout(x: torch.Tensor, p: float, training: bool) -> tuple[torch.Tenso
     """
     if not training or p == 0.0:
         return x, 1.0
+    keep, scale = _keep_mask(x, p, as_bool=False)
+    return x * keep, scale
+
+
+def lora_dropout_mask(x: torch.Tensor, p: float, training: bool) -> tuple[torch.Tensor | None, float]:
+    """``(keep, scale)``: the bool keep mask that :func:`lora_dropout` would apply, from the same
+    draws (same RNG state, same mask), for ops that apply it themselves (the fused projection
+    reads ``x`` and the mask, never a dropped copy of x). ``(None, 1.0)`` when inactive."""
+    if not training or p == 0.0:
+        return None, 1.0
+    keep, scale = _keep_mask(x, p, as_bool=True)
+    return keep, scale
+
+
+def _keep_mask(x: torch.Tensor, p: float, as_bool: bool) -> tuple[torch.Tensor, float]:
+    """Keep mask of x's shape, in x's dtype (or bool), and the scale 1 / (1 - p')."""
     threshold = round(p * 65536)
     if threshold >= 65536:
         raise ValueError(f"dropout: p must be < 1, got {p}")
@@ -138,15 +154,19 @@ def lora_dropout(x: torch.Tensor, p: float, training: bool) -> tuple[torch.Tenso
         seed = int(torch.empty((), dtype=torch.int64, device="cpu").random_())       # torch's CPU generator
         bits = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]     # 64 random bits = 4 elements
         np_dtype = _NUMPY_FLOAT.get(x.dtype)
+        if as_bool:
+            return torch.from_numpy(np.greater_equal(bits, lowest_kept)).view(x.shape), scale
         if np_dtype is not None:    # numpy's compare-and-cast loop: 2x faster than torch.ge(out=float) here
             keep = np.greater_equal(bits, lowest_kept, out=np.empty(n, np_dtype), casting="unsafe")
-            return x * torch.from_numpy(keep).view(x.shape), scale
+            return torch.from_numpy(keep).view(x.shape), scale
         halves = torch.from_numpy(bits)                                               # bfloat16: no numpy dtype
     else:
         halves = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_(-2**31, 2**31)
         halves = halves.view(torch.int16)[:n]
+    if as_bool:
+        return halves.view(x.shape) >= lowest_kept, scale
     keep = torch.ge(halves.view(x.shape), lowest_kept, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
-    return x * keep, scale
+    return keep, scale
 
 
 _NUMPY_FLOAT = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}

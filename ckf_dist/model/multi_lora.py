@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ckf_dist.model.lora_ops import lora_dropout, multi_lora_torch, per_sample_lora
+from ckf_dist.model.lora_ops import lora_dropout, lora_dropout_mask, multi_lora_torch, per_sample_lora
 
 __all__ = ["AdapterSpec", "LoraRouting", "MultiLoraLinear", "inject_multi_lora", "multi_lora_layers",
            "multi_lora_torch"]
@@ -180,21 +180,24 @@ class MultiLoraLinear(nn.Module):
         all outputs, frozen base), else None."""
         if not (self.fused_kernels and self.fuse_base_gemm and _kernel_device(x)):
             return None
+        if x.is_cuda and x.dtype not in (torch.bfloat16, torch.float16):
+            return None          # fp32 products would run on FMA units, far below cuBLAS's GEMM
         groups = self._groups()
         weight, bias = self.base.weight, getattr(self.base, "bias", None)
         if (len(groups) != 1 or groups[0][2] is not None or weight.requires_grad
                 or (bias is not None and bias.requires_grad)):
             return None
-        if hasattr(weight, "ds_id"):
-            # a ZeRO-3 partitioned backbone: DeepSpeed gathers the weight only inside the base
-            # module's own forward, which this op would skip; the base runs as a module instead
+        if hasattr(weight, "ds_id") or self.base._forward_pre_hooks or self.base._forward_hooks:
+            # the base module's forward does more than its GEMM: ZeRO-3 gathers a partitioned
+            # weight in a pre-forward hook (and marks it ds_id), offloading or profiling wrappers
+            # hook it too; this op would skip all of that, so the base runs as a module instead
             return None
         return _triton_op("linear_multi_lora_triton")
 
     def _forward_linear_kernel(self, op, x: torch.Tensor) -> torch.Tensor:
         """``y = base(x) + adapters`` in one op: the projection's GEMM with the expand in its epilogue."""
         x2 = x.reshape(-1, self.in_features)
-        xd, keep_scale = lora_dropout(x2, self.dropout, self.training)
+        keep, keep_scale = lora_dropout_mask(x2, self.dropout, self.training)   # applied inside the op
         w = self.base.weight.t() if self.conv1d else self.base.weight      # as [out, in] (a view for Conv1D)
         use_s, use_t, _ = self._groups()[0]
         a_s, b_s = self._weights("shared") if use_s else (None, None)
@@ -202,7 +205,7 @@ class MultiLoraLinear(nn.Module):
         s_s = self.shared.scale * keep_scale if use_s else 0.0
         s_t = self.task.scale * keep_scale if use_t else 0.0
         y = op(x2, w, getattr(self.base, "bias", None), a_s, b_s, a_t, b_t, self.routing.token_task_ids(x),
-               s_s, s_t, x_lora=None if xd is x2 else xd)
+               s_s, s_t, lora_mask=keep)
         return y.view(*x.shape[:-1], self.out_features)
 
     def _groups(self):

@@ -550,3 +550,29 @@ def test_whole_model_with_the_fused_projection_matches_the_torch_path(monkeypatc
     assert calls["n"] > 0
     assert abs(loss_f.item() - loss_t.item()) < 1e-5
     assert ((grads_f - grads_t).norm() / grads_t.norm()).item() < 1e-5
+
+
+def test_linear_lora_autotuned_launch_path(monkeypatch):
+    """The GPU's launch path (autotune over heuristics over the kernel, the config pruner, the
+    tuning key, the grid from the chosen tile) run in the interpreter, with the tuner's timing
+    replaced by a stub that runs each candidate once and prefers a known tile."""
+    import ckf_dist.kernels.linear_lora as ll
+    tuned = ml._kernels()._gemm_lora_tuned
+    ran = []
+
+    def fake_bench(fn, quantiles=None, **_):
+        fn()                                    # each candidate really runs (and must not fail)
+        ran.append(1)
+        t = 1.0 if len(ran) % 3 == 0 else 2.0
+        return [t, t, t] if quantiles else t
+    monkeypatch.setattr(ll, "TUNE_IN_INTERPRETER", True)
+    monkeypatch.setitem(tuned.__dict__, "do_bench", fake_bench)
+    monkeypatch.setattr(tuned, "cache", {})
+    n_tiles = len(tuned.configs)
+    check_linear(70, 64, 48, 8, 8, 3, "zipf", seed=31, config=KernelConfig(block_m=16, block_dm=16))
+    assert len(ran) == 2 * n_tiles                                       # forward and dX keys tuned
+    assert len(tuned.cache) == 2
+    ran.clear()
+    check_linear(70, 64, 48, 8, 8, 3, "zipf", seed=32, masked=True, config=KernelConfig(block_m=16, block_dm=16))
+    kept = len(ml._kernels()._prune_gemm_tiles(tuned.configs, {}, HAS_MASK=True))
+    assert len(ran) == kept < n_tiles                                    # only the masked dX key is new

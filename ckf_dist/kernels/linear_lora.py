@@ -50,6 +50,10 @@ from .routing import cdiv
 
 __all__ = ["linear_multi_lora_triton", "triton_linear"]
 
+TUNE_IN_INTERPRETER = False
+"""Testing aid: take the autotuned launch path under ``TRITON_INTERPRET=1`` too (the test
+replaces the tuner's timing function; the interpreter cannot time kernels)."""
+
 
 def _gemm(c: _Ctx, m, k_dim, w_kn, y, out_dim, bias, h, expand_s, expand_t, lora: bool, keep=None) -> None:
     """``y = m @ W (+ bias) (+ [keep *] H @ E^T per row's task)``, one launch; ``w_kn`` = (W, stride_k, stride_n)."""
@@ -63,7 +67,7 @@ def _gemm(c: _Ctx, m, k_dim, w_kn, y, out_dim, bias, h, expand_s, expand_t, lora
             *expand_s, *expand_t,
             c.n, out_dim, k_dim, c.rs, c.rt, c.rc, c.T, max(16, _pow2(c.n)))
     cfg = c.cfg
-    if c.interp or cfg.gemm_block_m:
+    if (c.interp and not TUNE_IN_INTERPRETER) or cfg.gemm_block_m:
         bm = cfg.gemm_block_m or 32
         bn = cfg.gemm_block_n or 32
         bk = cfg.gemm_block_k or 32

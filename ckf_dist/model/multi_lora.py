@@ -180,8 +180,10 @@ class MultiLoraLinear(nn.Module):
         all outputs, frozen base), else None."""
         if not (self.fused_kernels and self.fuse_base_gemm and _kernel_device(x)):
             return None
-        if x.is_cuda and x.dtype not in (torch.bfloat16, torch.float16):
-            return None          # fp32 products would run on FMA units, far below cuBLAS's GEMM
+        if x.is_cuda and (x.dtype not in (torch.bfloat16, torch.float16) or x.numel() < 128 * self.in_features):
+            # fp32 products would run on FMA units, far below cuBLAS's GEMM; fewer than 128 rows
+            # (decoding) would leave most of the GEMM's 64-256-row tiles empty
+            return None
         groups = self._groups()
         weight, bias = self.base.weight, getattr(self.base, "bias", None)
         if (len(groups) != 1 or groups[0][2] is not None or weight.requires_grad

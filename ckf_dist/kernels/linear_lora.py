@@ -4,9 +4,9 @@
 
     linear_multi_lora_triton(x [N, in], weight [out, in], bias [out] | None,
                              a_shared, b_shared, a_task, b_task, task_ids, scale_shared, scale_task,
-                             *, x_lora=None) -> y [N, out]
+                             *, x_lora=None, lora_mask=None) -> y [N, out]
 
-    y = x @ weight^T + bias + delta(x_lora if given else x)     (delta as in multi_lora_triton)
+    y = x @ weight^T + bias + delta(x_lora, or x * lora_mask, or x)     (delta as in multi_lora_triton)
 
 ``multi_lora_triton`` runs beside the base GEMM, so a layer pays the GEMM plus the
 adapter's passes over the big tensors (x read, y read and written for the add; dy read,
@@ -33,9 +33,9 @@ LoRA dropout, two ways:
   input gradient goes to x_lora: the backward shrink pass writes it (expand compiled in)
   instead of the dX epilogue, and autograd applies the mask and adds.
 
-On the GPU the GEMM's tiles are autotuned per (out, in, row bucket, dtype) on first use;
-under ``TRITON_INTERPRET=1`` (tests) fixed small tiles run. ``KernelConfig.gemm_block_*``
-fixes the tiles (tests, benchmarks).
+On the GPU the GEMM's tiles are autotuned per (out, in, row bucket, layout, adapters, mask,
+dtype) on first use; under ``TRITON_INTERPRET=1`` (tests) fixed small tiles run.
+``KernelConfig.gemm_block_*`` fixes the tiles (tests, benchmarks).
 """
 
 from __future__ import annotations

@@ -62,6 +62,17 @@ def _row_tasks(IDS, offs, mask, T):
 
 
 @triton.jit
+def _load_kept(ptrs, keep_ptrs, mask, MASKED: tl.constexpr, COMPUTE: tl.constexpr):
+    """A tile loaded in COMPUTE (0 where masked off); with MASKED, also 0 where LoRA dropout's
+    keep byte is 0 (the tile of ``M * keep`` without materialising it)."""
+    v = tl.load(ptrs, mask=mask, other=0.0).to(COMPUTE)
+    if MASKED:
+        keep = tl.load(keep_ptrs, mask=mask, other=0)
+        v = tl.where(keep != 0, v, tl.full(v.shape, 0.0, dtype=COMPUTE))
+    return v
+
+
+@triton.jit
 def _tile(m_rows, stride_mk, k_rows, stride_kk, y_rows, stride_yn, h_rows, offs, mask_m, task, t_lo, t_hi,
           AS, sas_r, sas_k, AT, sat_t, sat_r, sat_k, BS, sbs_n, sbs_r, BT, sbt_t, sbt_n, sbt_r,
           K, NOUT, RS, RT, scale_s, scale_t,
@@ -81,11 +92,8 @@ def _tile(m_rows, stride_mk, k_rows, stride_kk, y_rows, stride_yn, h_rows, offs,
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         mask_k = kk < K
-        x = tl.load(m_rows + kk[None, :] * stride_mk, mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0).to(COMPUTE)
-        if HAS_MASK:
-            keep = tl.load(k_rows + kk[None, :] * stride_kk, mask=mask_m[:, None] & mask_k[None, :], other=0)
-            x = tl.where(keep != 0, x, tl.full((BM, BK), 0.0, dtype=COMPUTE))
+        x = _load_kept(m_rows + kk[None, :] * stride_mk, k_rows + kk[None, :] * stride_kk,
+                       mask_m[:, None] & mask_k[None, :], HAS_MASK, COMPUTE)
         if HAS_S:
             w = tl.load(AS + r_s[None, :] * sas_r + kk[:, None] * sas_k,
                         mask=(r_s[None, :] < RS) & mask_k[:, None], other=0.0).to(COMPUTE)
@@ -119,33 +127,44 @@ def _expand(y_rows, stride_yn, hs, ht, mask_m, task, t_lo, t_hi, BS, sbs_n, sbs_
             RS_P: tl.constexpr, RT_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
             COMPUTE: tl.constexpr, PREC: tl.constexpr):
     """Y[rows] (+)= hs @ B_s^T + ht @ B_t[task]^T over the whole written dimension."""
-    r_s = tl.arange(0, RS_P)
-    r_t = tl.arange(0, RT_P)
-    bt_u = BT + tl.cast(t_lo, tl.int64) * sbt_t
     for n0 in range(0, NOUT, BN):
         nn = n0 + tl.arange(0, BN)
         mask_n = nn < NOUT
-        acc = tl.full((BM, BN), 0.0, dtype=tl.float32)
-        if HAS_S:
-            w = tl.load(BS + nn[None, :] * sbs_n + r_s[:, None] * sbs_r,
-                        mask=(r_s[:, None] < RS) & mask_n[None, :], other=0.0).to(COMPUTE)
-            acc = tl.dot(hs, w, acc, input_precision=PREC)
-        if HAS_T:
-            if MIXED:
-                for t in range(t_lo, t_hi + 1):
-                    wb = tl.load(BT + tl.cast(t, tl.int64) * sbt_t + nn[None, :] * sbt_n + r_t[:, None] * sbt_r,
-                                mask=(r_t[:, None] < RT) & mask_n[None, :], other=0.0).to(COMPUTE)
-                    hm = tl.where(task[:, None] == t, ht, tl.full((BM, RT_P), 0.0, dtype=COMPUTE))
-                    acc = tl.dot(hm, wb, acc, input_precision=PREC)
-            else:
-                wb = tl.load(bt_u + nn[None, :] * sbt_n + r_t[:, None] * sbt_r,
-                            mask=(r_t[:, None] < RT) & mask_n[None, :], other=0.0).to(COMPUTE)
-                acc = tl.dot(ht, wb, acc, input_precision=PREC)
+        acc = _add_expand(tl.full((BM, BN), 0.0, dtype=tl.float32), hs, ht, task, t_lo, t_hi, nn, mask_n,
+                          BS, sbs_n, sbs_r, BT, sbt_t, sbt_n, sbt_r, RS, RT, HAS_S, HAS_T, MIXED,
+                          RS_P, RT_P, BM, COMPUTE, PREC)
         yp = y_rows + nn[None, :] * stride_yn
         m2 = mask_m[:, None] & mask_n[None, :]
         if ACCUM:                                # fused base add: y = base + delta
             acc += tl.load(yp, mask=m2, other=0.0).to(tl.float32)
         tl.store(yp, acc.to(yp.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _add_expand(acc, hs, ht, task, t_lo, t_hi, nn, mask_n, BS, sbs_n, sbs_r, BT, sbt_t, sbt_n, sbt_r, RS, RT,
+                HAS_S: tl.constexpr, HAS_T: tl.constexpr, MIXED: tl.constexpr, RS_P: tl.constexpr,
+                RT_P: tl.constexpr, BM: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr):
+    """acc + hs @ B_s[nn]^T + ht @ B_t[task][nn]^T for one tile of written columns ``nn``
+    (B as (n, r) strides). MIXED: loop over t_lo..t_hi and keep each row's own task; else
+    every row uses task t_lo (rows without a task carry ht = 0)."""
+    r_s = tl.arange(0, RS_P)
+    r_t = tl.arange(0, RT_P)
+    if HAS_S:
+        w = tl.load(BS + nn[None, :] * sbs_n + r_s[:, None] * sbs_r,
+                    mask=(r_s[:, None] < RS) & mask_n[None, :], other=0.0).to(COMPUTE)
+        acc = tl.dot(hs, w, acc, input_precision=PREC)
+    if HAS_T:
+        cols = nn[None, :] * sbt_n + r_t[:, None] * sbt_r
+        cmask = (r_t[:, None] < RT) & mask_n[None, :]
+        if MIXED:
+            for t in range(t_lo, t_hi + 1):
+                wb = tl.load(BT + tl.cast(t, tl.int64) * sbt_t + cols, mask=cmask, other=0.0).to(COMPUTE)
+                hm = tl.where(task[:, None] == t, ht, tl.full((BM, RT_P), 0.0, dtype=COMPUTE))
+                acc = tl.dot(hm, wb, acc, input_precision=PREC)
+        else:
+            wb = tl.load(BT + tl.cast(t_lo, tl.int64) * sbt_t + cols, mask=cmask, other=0.0).to(COMPUTE)
+            acc = tl.dot(ht, wb, acc, input_precision=PREC)
+    return acc
 
 
 @triton.jit
@@ -234,31 +253,28 @@ def _gemm_lora_kernel(X, sxm, sxk, W, swk, swn, Y, sym, syn, BIAS, H, IDS, KEEP,
         w_ptrs += BK * swk
     # epilogue: the adapters' expand on this tile, from rank space (a few KB per tile)
     h_rows = H + rows[:, None] * RC
+    r_s = tl.arange(0, RS_P)
+    r_t = tl.arange(0, RT_P)
+    hs = tl.full((BM, RS_P), 0.0, dtype=COMPUTE)
+    ht = tl.full((BM, RT_P), 0.0, dtype=COMPUTE)
+    task = tl.full((BM,), 0, dtype=tl.int32)
+    t_lo = pid * 0
+    t_hi = pid * 0
+    if HAS_S:
+        hs = tl.load(h_rows + r_s[None, :], mask=mask_m[:, None] & (r_s[None, :] < RS), other=0.0).to(COMPUTE)
+    if HAS_T:                                  # rows without a valid task hold H = 0
+        ht = tl.load(h_rows + RS + r_t[None, :], mask=mask_m[:, None] & (r_t[None, :] < RT), other=0.0).to(COMPUTE)
+        task, t_lo, t_hi = _row_tasks(IDS, offs_m, mask_m, T)
     if HAS_MASK:
         base = acc
         acc = tl.full((BM, BN), 0.0, dtype=tl.float32)
-    if HAS_S:
-        r_s = tl.arange(0, RS_P)
-        hs = tl.load(h_rows + r_s[None, :], mask=mask_m[:, None] & (r_s[None, :] < RS), other=0.0)
-        es = tl.load(ES + offs_n[None, :] * ses_n + r_s[:, None] * ses_r,
-                     mask=(r_s[:, None] < RS) & mask_n[None, :], other=0.0)
-        acc = tl.dot(hs.to(COMPUTE), es.to(COMPUTE), acc, input_precision=PREC)
-    if HAS_T:
-        r_t = tl.arange(0, RT_P)
-        task, t_lo, t_hi = _row_tasks(IDS, offs_m, mask_m, T)
-        ht = tl.load(h_rows + RS + r_t[None, :], mask=mask_m[:, None] & (r_t[None, :] < RT), other=0.0)
-        ht = ht.to(COMPUTE)                    # rows without a valid task hold H = 0
-        e_cols = offs_n[None, :] * set_n + r_t[:, None] * set_r
-        e_mask = (r_t[:, None] < RT) & mask_n[None, :]
-        if t_lo >= t_hi:                       # one task in the tile (the model routes per sample)
-            t_u = tl.minimum(tl.maximum(t_lo, 0), tl.maximum(T - 1, 0))
-            et = tl.load(ET + tl.cast(t_u, tl.int64) * set_t + e_cols, mask=e_mask, other=0.0)
-            acc = tl.dot(ht, et.to(COMPUTE), acc, input_precision=PREC)
-        else:
-            for t in range(t_lo, t_hi + 1):
-                et = tl.load(ET + tl.cast(t, tl.int64) * set_t + e_cols, mask=e_mask, other=0.0)
-                hm = tl.where(task[:, None] == t, ht, tl.full((BM, RT_P), 0.0, dtype=COMPUTE))
-                acc = tl.dot(hm, et.to(COMPUTE), acc, input_precision=PREC)
+    if t_lo >= t_hi:                           # one task in the tile (the model routes per sample)
+        t_u = tl.minimum(tl.maximum(t_lo, 0), tl.maximum(T - 1, 0))
+        acc = _add_expand(acc, hs, ht, task, t_u, t_u, offs_n, mask_n, ES, ses_n, ses_r, ET, set_t, set_n, set_r,
+                          RS, RT, HAS_S, HAS_T, False, RS_P, RT_P, BM, COMPUTE, PREC)
+    else:
+        acc = _add_expand(acc, hs, ht, task, t_lo, t_hi, offs_n, mask_n, ES, ses_n, ses_r, ET, set_t, set_n, set_r,
+                          RS, RT, HAS_S, HAS_T, True, RS_P, RT_P, BM, COMPUTE, PREC)
     if HAS_MASK:
         keep = tl.load(KEEP + rows[:, None] * skm + offs_n[None, :].to(tl.int64) * skn,
                        mask=mask_m[:, None] & mask_n[None, :], other=0)
@@ -301,12 +317,9 @@ def _dw_body(M, smm, smd, KEEP, skm, skd, G, D, d0, PS, PT, IDS, CH_LO, CH_HI, c
                 tk, lo, hi = _row_tasks(IDS, om, mm, T)
                 if (lo <= t) & (t <= hi):
                     rows = om.to(tl.int64)
-                    mt = tl.load(M + rows[None, :] * smm + offs_d[:, None] * smd,
-                                 mask=mask_d[:, None] & mm[None, :], other=0.0).to(COMPUTE)   # [BD, BM]
-                    if MASKED:
-                        kt = tl.load(KEEP + rows[None, :] * skm + offs_d[:, None] * skd,
-                                     mask=mask_d[:, None] & mm[None, :], other=0)
-                        mt = tl.where(kt != 0, mt, tl.full((BD, BM), 0.0, dtype=COMPUTE))
+                    mt = _load_kept(M + rows[None, :] * smm + offs_d[:, None] * smd,             # [BD, BM]
+                                    KEEP + rows[None, :] * skm + offs_d[:, None] * skd,
+                                    mask_d[:, None] & mm[None, :], MASKED, COMPUTE)
                     g = G + rows[:, None] * RC
                     gt = tl.load(g + RS + r_t[None, :], mask=mm[:, None] & (r_t[None, :] < RT), other=0.0)
                     gt = tl.where(tk[:, None] == t, gt, 0.0).to(COMPUTE)
@@ -328,12 +341,9 @@ def _dw_body(M, smm, smd, KEEP, skm, skd, G, D, d0, PS, PT, IDS, CH_LO, CH_HI, c
             om = m0 + tl.arange(0, BM)
             mm = om < end
             rows = om.to(tl.int64)
-            mt = tl.load(M + rows[None, :] * smm + offs_d[:, None] * smd,
-                         mask=mask_d[:, None] & mm[None, :], other=0.0).to(COMPUTE)
-            if MASKED:
-                kt = tl.load(KEEP + rows[None, :] * skm + offs_d[:, None] * skd,
-                             mask=mask_d[:, None] & mm[None, :], other=0)
-                mt = tl.where(kt != 0, mt, tl.full((BD, BM), 0.0, dtype=COMPUTE))
+            mt = _load_kept(M + rows[None, :] * smm + offs_d[:, None] * smd,
+                            KEEP + rows[None, :] * skm + offs_d[:, None] * skd,
+                            mask_d[:, None] & mm[None, :], MASKED, COMPUTE)
             gs = tl.load(G + rows[:, None] * RC + r_s[None, :], mask=mm[:, None] & (r_s[None, :] < RS),
                          other=0.0).to(COMPUTE)
             acc_s = tl.dot(mt, gs, acc_s, input_precision=PREC)

@@ -420,8 +420,8 @@ def _task_ids(x, a_task, task_ids):
     elif a_task is None:
         ids = None
     else:
-        # validation on the host on CPU; on CUDA inside the kernel (a flag asserted
-        # asynchronously below), so no extra launches and no sync
+        # validation on the host on CPU; on CUDA inside the kernel (a flag the caller asserts
+        # asynchronously afterwards), so no extra launches and no sync
         ids = make_routing(task_ids, n_tasks, n_rows=x.shape[0], check=not x.is_cuda).task_ids
         check = x.is_cuda and ids.numel() > 0
     return ids, n_tasks, check

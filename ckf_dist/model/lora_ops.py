@@ -136,8 +136,7 @@ def lora_dropout_mask(x: torch.Tensor, p: float, training: bool) -> tuple[torch.
     reads ``x`` and the mask, never a dropped copy of x). ``(None, 1.0)`` when inactive."""
     if not training or p == 0.0:
         return None, 1.0
-    keep, scale = _keep_mask(x, p, as_bool=True)
-    return keep, scale
+    return _keep_mask(x, p, as_bool=True)
 
 
 def _keep_mask(x: torch.Tensor, p: float, as_bool: bool) -> tuple[torch.Tensor, float]:
@@ -153,9 +152,9 @@ def _keep_mask(x: torch.Tensor, p: float, as_bool: bool) -> tuple[torch.Tensor, 
     if x.device.type == "cpu":
         seed = int(torch.empty((), dtype=torch.int64, device="cpu").random_())       # torch's CPU generator
         bits = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]     # 64 random bits = 4 elements
-        np_dtype = _NUMPY_FLOAT.get(x.dtype)
         if as_bool:
             return torch.from_numpy(np.greater_equal(bits, lowest_kept)).view(x.shape), scale
+        np_dtype = _NUMPY_FLOAT.get(x.dtype)
         if np_dtype is not None:    # numpy's compare-and-cast loop: 2x faster than torch.ge(out=float) here
             keep = np.greater_equal(bits, lowest_kept, out=np.empty(n, np_dtype), casting="unsafe")
             return torch.from_numpy(keep).view(x.shape), scale

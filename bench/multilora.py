@@ -1,8 +1,10 @@
 """Benchmark: one Multi-LoRA layer, forward + backward, T tasks in one mixed batch.
 
 Compares, in one run (interleaved rounds; ratios of the per-implementation minimum, medians kept):
-  ours   ckf_dist.model.multi_lora.MultiLoraLinear: per-sample batched path (each sample's adapter
-         gathered, one batched shrink GEMM, one batched expand GEMM fused with the base output)
+  ours   ckf_dist.model.multi_lora.MultiLoraLinear: the projection and its adapters as one autograd op
+         (per-sample batched path: each sample's adapter gathered, one batched shrink GEMM, one batched
+         expand GEMM into the base output; in backward the base's dX GEMM accumulates into the adapters')
+  sep    the same layer with fuse_base_gemm off: the base module and the adapter op as two autograd nodes
   token  the per-token contract op multi_lora_torch (all ranks in one shrink GEMM, task mask, one expand)
   loop   (a) a loop over task sub-batches (gather rows, per-task GEMMs, scatter back)
   dense  (b) every task adapter on every token, then keep each token's own (mask and sum)
@@ -52,6 +54,16 @@ def ours(layer, routing, x, ids):
         return layer(x)
 
 
+def separate(layer, routing, x, ids):
+    """Ours with the base module and the adapter op as two autograd nodes (``fuse_base_gemm`` off)."""
+    layer.fuse_base_gemm = False
+    try:
+        with routing.active(ids):
+            return layer(x)
+    finally:
+        layer.fuse_base_gemm = True
+
+
 def contract_op(layer, routing, x, ids):
     """The per-token contract op (masked rank columns) on flattened tokens."""
     xd, keep = lora_dropout(x.reshape(-1, layer.in_features), layer.dropout, layer.training)
@@ -97,7 +109,7 @@ def base_only(layer, routing, x, ids):
     return layer.base(x)
 
 
-IMPLS = {"ours": ours, "token": contract_op, "loop": loop_over_tasks, "dense": dense_then_mask, "base": base_only}
+IMPLS = {"ours": ours, "sep": separate, "token": contract_op, "loop": loop_over_tasks, "dense": dense_then_mask, "base": base_only}
 
 
 def step(fn, layer, routing, x, ids, grad_out):
@@ -113,7 +125,7 @@ def check_equal(args, placement):
     x = torch.randn(8, 8, 64, dtype=torch.float32)
     ids = torch.arange(8) % small.tasks
     ref = ours(layer, routing, x, ids)
-    for name in ("token", "loop", "dense"):
+    for name in ("sep", "token", "loop", "dense"):
         torch.testing.assert_close(IMPLS[name](layer, routing, x, ids), ref, rtol=1e-4, atol=1e-5)
 
 
@@ -140,7 +152,8 @@ def run(args, placement: str) -> dict:
             "all_s": times,
             "dropout": args.dropout,
             "ratios": {"ours/base": med["ours"] / med["base"], "ours/loop": med["ours"] / med["loop"],
-                       "ours/dense": med["ours"] / med["dense"], "token/base": med["token"] / med["base"]}}
+                       "ours/dense": med["ours"] / med["dense"], "sep/base": med["sep"] / med["base"],
+                       "token/base": med["token"] / med["base"]}}
 
 
 def main() -> None:
@@ -167,9 +180,9 @@ def main() -> None:
     for r in results:
         med, rat = r["min_s"], r["ratios"]
         print(f"{r['placement']:>11} p={r['dropout']:.1f}: ours {med['ours'] * 1e3:6.1f} ms | token "
-              f"{med['token'] * 1e3:6.1f} | loop {med['loop'] * 1e3:6.1f} | dense {med['dense'] * 1e3:6.1f} | base "
+              f"{med['token'] * 1e3:6.1f} | sep {med['sep'] * 1e3:6.1f} | loop {med['loop'] * 1e3:6.1f} | dense {med['dense'] * 1e3:6.1f} | base "
               f"{med['base'] * 1e3:6.1f}  ->  ours/base {rat['ours/base']:.3f}  ours/loop {rat['ours/loop']:.3f}"
-              f"  ours/dense {rat['ours/dense']:.3f}  token/base {rat['token/base']:.3f}")
+              f"  ours/dense {rat['ours/dense']:.3f}  sep/base {rat['sep/base']:.3f}  token/base {rat['token/base']:.3f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")

@@ -12,7 +12,14 @@
 
 Rounds are interleaved (A, B, A, B, ...) and the ratio uses the per-side median.
 
-    python bench/train_step.py [--config configs/tiny-cpu.yaml] [--set KEY=VALUE ...] [--steps 8]
+    python bench/train_step.py [--config configs/tiny-cpu.yaml] [--set KEY=VALUE ...] [--steps 8] [--wide]
+
+``--wide`` swaps the config's backbone for a random Llama at a 7B-like width scaled to CPU
+(hidden 2048, MLP 5504, 16 heads of 128 as in Llama-2-7B; 4 layers; the SmolLM2 vocabulary so
+the prepared shards fit), saved to a temporary folder first. The adapters' and LoRA
+dropout's cost per token grows with the width, the backbone's GEMMs with its square, so
+SmolLM2-135M (hidden 576) is the least favourable shape for the step ratio and this one
+is closer to the 7B+ backbones the trainer is for.
 
 The dataset named by the config is prepared first if it is missing. Writes
 bench/results/train_step.json.
@@ -47,6 +54,24 @@ def backbone_step(backbone, batch: dict) -> None:
         answer = target != -100
         logits = backbone.lm_head(hidden[:, :-1][answer]).float()
         F.cross_entropy(logits, target[answer]).backward()
+
+
+WIDE = dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=4, num_attention_heads=16,
+            num_key_value_heads=16)
+
+
+def wide_backbone(folder: Path) -> Path:
+    """A random Llama at a 7B-like width (``WIDE``), saved as a local backbone folder."""
+    import transformers
+
+    from ckf_dist.model.backbone import SMOLLM2_VOCAB
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=SMOLLM2_VOCAB, max_position_embeddings=2048,
+                                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                                      **WIDE)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
 
 
 def start_s3(work: Path) -> str:
@@ -84,7 +109,11 @@ def main() -> None:
     ap.add_argument("--saves", type=int, default=4, help="timed save rounds")
     ap.add_argument("--s3", action="store_true",
                     help="checkpoint to a real S3 server (moto, started on 127.0.0.1) instead of local disk")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "train_step.json"))
+    ap.add_argument("--wide", action="store_true",
+                    help="backbone: a random Llama at a 7B-like width scaled to CPU (hidden 2048, 4 layers) "
+                         "instead of the config's")
+    ap.add_argument("--out", default=None,
+                    help="JSON results (default bench/results/train_step.json, train_step-wide.json with --wide)")
     args = ap.parse_args()
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -104,7 +133,10 @@ def main() -> None:
     storage = str(work / "ckpt")
     if args.s3:
         storage = start_s3(work)
-    cfg = load_config(args.config, [*args.overrides, "train.num_workers=1", f"train.storage={storage}",
+    overrides = list(args.overrides)
+    if args.wide:
+        overrides.append(f"model.backbone={wide_backbone(work / 'wide-llama')}")
+    cfg = load_config(args.config, [*overrides, "train.num_workers=1", f"train.storage={storage}",
                                     f"train.log_dir={work / 'logs'}", "run_name=bench", "train.max_steps=100000"])
     try:
         read_manifest(cfg.data.output)
@@ -206,7 +238,8 @@ def main() -> None:
 
     med = statistics.median
     result = {
-        "config": args.config, "overrides": args.overrides, "backbone": cfg.model.backbone,
+        "config": args.config, "overrides": args.overrides, "backbone": "wide-llama" if args.wide else cfg.model.backbone,
+        "backbone_shape": WIDE if args.wide else None,
         "zero_stage": cfg.train.zero_stage, "micro_batch_size": cfg.train.micro_batch_size,
         "storage": cfg.train.storage, "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
@@ -217,9 +250,10 @@ def main() -> None:
         "save_phases_ms": {k: med([d.get(k, 0.0) for d in breakdown]) * 1e3 for k in breakdown[0]},
         "targets": {"step_ratio": 1.15, "save_ratio": 1.5},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\nbackbone {cfg.model.backbone}, ZeRO-{cfg.train.zero_stage}, {result['tokens_per_step']:.0f} tokens/step, "
+    out = Path(args.out or REPO / "bench" / "results" / ("train_step-wide.json" if args.wide else "train_step.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nbackbone {result['backbone']}, ZeRO-{cfg.train.zero_stage}, {result['tokens_per_step']:.0f} tokens/step, "
           f"{result['threads']} threads")
     print(f"{'':14}{'ckf':>12}{'limit':>12}{'ratio':>8}{'target':>8}")
     print(f"{'step ms/1k tok':14}{med(ckf_t) * 1e6:12.1f}{med(base_t) * 1e6:12.1f}{result['step_ratio']:8.2f}{1.15:8.2f}")

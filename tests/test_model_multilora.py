@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ckf_dist.model.lora_ops import lora_dropout, per_sample_lora
+from ckf_dist.model.lora_ops import linear_per_sample_lora, lora_dropout, per_sample_lora
 from ckf_dist.model.multi_lora import AdapterSpec, LoraRouting, MultiLoraLinear, multi_lora_torch
 
 
@@ -177,6 +177,117 @@ def test_per_sample_path_equals_reference(kinds, with_base):
     torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
     for gf, gr in zip(grads_fast, grads_ref):
         torch.testing.assert_close(gf, gr, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kinds", ["both", "shared", "task"])
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+def test_one_op_projection_equals_base_plus_reference(kinds, layout):
+    """linear_per_sample_lora (the projection and its adapters in one autograd op, the dropout
+    mask applied inside) == base + reference loop on the dropped input, grads of x and of every
+    adapter included; a bias and a Conv1D ([in, out]) weight too."""
+    a_s, b_s, a_t, b_t = _weights()
+    if kinds == "shared":
+        a_t = b_t = None
+    if kinds == "task":
+        a_s = b_s = None
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(20, 24, generator=g, dtype=torch.float64)
+    bias = torch.randn(20, generator=g, dtype=torch.float64)
+    keep = (torch.rand(6, 5, 24, generator=g) > 0.3).double()
+    x = torch.randn(6, 5, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([3, 0, 1, 3, 2, 0])
+    g_out = torch.randn(6, 5, 20, generator=g, dtype=torch.float64)
+    params = [p for p in (x, a_s, b_s, a_t, b_t) if p is not None]
+    w_arg = w.t().contiguous() if layout == "conv1d" else w
+    fast = linear_per_sample_lora(x, w_arg, bias, keep, a_s, b_s, a_t, b_t, ids, 0.5, 2.0,
+                                  weight_in_out=layout == "conv1d")
+    grads_fast = torch.autograd.grad(fast, params, g_out)
+    xd = (x * keep).reshape(-1, 24)
+    ref = (x @ w.t() + bias) + reference_loop(xd, a_s, b_s, a_t, b_t, ids.repeat_interleave(5), 0.5, 2.0).view(6, 5, 20)
+    grads_ref = torch.autograd.grad(ref, params, g_out)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+    for gf, gr in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(gf, gr, rtol=1e-12, atol=1e-12)
+    assert (grads_fast[0] != g_out @ w).any()               # the adapters' dX is in x's gradient
+    x_frozen = x.detach()                                    # no input grad asked: adapters still train
+    ga = torch.autograd.grad(linear_per_sample_lora(x_frozen, w_arg, None, None, a_s, b_s, a_t, b_t, ids,
+                                                    0.5, 2.0, weight_in_out=layout == "conv1d"), params[1:], g_out)
+    assert all(t.abs().sum() > 0 for t in ga)
+
+
+def test_one_op_projection_refuses_trainable_base_and_bad_shapes():
+    a_s, b_s, a_t, b_t = _weights()
+    x, ids = torch.randn(2, 3, 24, dtype=torch.float64), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="frozen"):
+        linear_per_sample_lora(x, torch.randn(20, 24, dtype=torch.float64, requires_grad=True), None, None,
+                               a_s, b_s, a_t, b_t, ids, 1.0, 1.0)
+    with pytest.raises(ValueError, match=r"\[B, L, in\]"):
+        linear_per_sample_lora(x, torch.randn(20, 24, dtype=torch.float64), None, None,
+                               a_s, b_s, a_t, b_t, ids[:1], 1.0, 1.0)
+
+
+def _grad_fn_names(y):
+    names, todo = set(), [y.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and type(fn).__name__ not in names:
+            names.add(type(fn).__name__)
+            todo.extend(nxt for nxt, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("placement", ["task", "shared", "shared+task"])
+def test_layer_one_op_path_equals_separate_path_with_dropout(placement):
+    """A layer whose adapters write all outputs over a frozen base runs as one op (CPU); with the
+    same seed it gives the separate path's outputs and grads, dropout masks included."""
+    torch.manual_seed(0)
+    base = nn.Linear(32, 24).double().requires_grad_(False)
+    routing = LoraRouting()
+    shared = AdapterSpec(4, 8.0) if "shared" in placement else None
+    task = AdapterSpec(3, 6.0) if "task" in placement else None
+    layer = MultiLoraLinear(base, "proj", 3, shared, task, 0.3, routing, fused_kernels=False).train()
+    for name, p in layer.named_parameters():
+        if "lora" in name:
+            nn.init.normal_(p)
+    x = torch.randn(5, 7, 32, dtype=torch.float64, requires_grad=True)
+    g_out = torch.randn(5, 7, 24, dtype=torch.float64)
+    params = [x] + [p for p in layer.parameters() if p.requires_grad]
+    results = []
+    for one_op in (True, False):
+        layer.fuse_base_gemm = one_op
+        torch.manual_seed(1)
+        with routing.active(torch.tensor([0, 2, 1, 2, 0])):
+            y = layer(x)
+        assert ("_LinearPerSampleLoraBackward" in _grad_fn_names(y)) == one_op
+        results.append((y, torch.autograd.grad(y, params, g_out)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_layer_one_op_path_only_where_it_fits():
+    """Sliced outputs (fused qkv), a trainable bias and a hooked base module keep the separate path."""
+    from transformers.pytorch_utils import Conv1D
+
+    def uses_one_op(layer, routing, n_in):
+        with routing.active(torch.tensor([0, 1])):
+            return "_LinearPerSampleLoraBackward" in _grad_fn_names(layer(torch.randn(2, 3, n_in)))
+
+    layer, routing = _layer(nn.Linear(8, 6).requires_grad_(False))
+    assert uses_one_op(layer, routing, 8)
+    layer, routing = _layer(Conv1D(18, 8).requires_grad_(False), torch.arange(6, 18), torch.arange(0, 6))
+    assert not uses_one_op(layer, routing, 8)
+    layer, routing = _layer(Conv1D(18, 8).requires_grad_(False))
+    assert uses_one_op(layer, routing, 8)
+    base = nn.Linear(8, 6).requires_grad_(False)
+    base.bias.requires_grad_(True)
+    layer, routing = _layer(base)
+    assert not uses_one_op(layer, routing, 8)
+    base = nn.Linear(8, 6).requires_grad_(False)
+    seen = []
+    base.register_forward_pre_hook(lambda module, args: seen.append(1))
+    layer, routing = _layer(base)
+    assert not uses_one_op(layer, routing, 8) and seen == [1]
 
 
 def test_per_sample_and_per_token_layers_agree():

@@ -157,7 +157,7 @@ def commit(fs, ckpt_path: str, manifest: dict, world_size: int) -> None:
     """Merge per-rank file lists into the manifest, write it, then the marker (last).
 
     Every listed file must be in storage with its listed size. On object stores this costs
-    one concurrent fetch of the rank lists and one recursive listing, not a request per file."""
+    one recursive listing and a concurrent fetch of the rank lists beside it, not a request per file."""
     fs.invalidate_cache()
     listings = [posixpath.join(ckpt_path, "files", f"rank_{rank:05d}.json") for rank in range(world_size)]
 
@@ -169,8 +169,10 @@ def commit(fs, ckpt_path: str, manifest: dict, world_size: int) -> None:
         except Exception as exc:  # reported per rank below
             return exc
 
-    with ThreadPoolExecutor(min(16, max(1, world_size)), thread_name_prefix="ckf-commit") as pool:
+    with ThreadPoolExecutor(min(16, world_size + 1), thread_name_prefix="ckf-commit") as pool:
+        found = pool.submit(fs.find, ckpt_path, detail=True)      # the listing, beside the rank lists' fetch
         raws = list(pool.map(read, listings))
+        found = found.result()
     files: dict[str, dict] = {}
     for rank, (listing, raw) in enumerate(zip(listings, raws)):
         if raw is None:
@@ -183,8 +185,7 @@ def commit(fs, ckpt_path: str, manifest: dict, world_size: int) -> None:
         except ValueError as exc:
             raise CheckpointError(f"{listing}: rank {rank}'s file list is not valid JSON ({exc}); not committing") from None
     base = fs._strip_protocol(ckpt_path).rstrip("/") + "/"
-    sizes = {k[len(base):]: info.get("size") for k, info in fs.find(ckpt_path, detail=True).items()
-             if k.startswith(base)}
+    sizes = {k[len(base):]: info.get("size") for k, info in found.items() if k.startswith(base)}
     for rel, meta in files.items():
         size = sizes.get(rel)
         if size != meta["bytes"]:

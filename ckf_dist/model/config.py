@@ -18,9 +18,10 @@ class LoraConfig:
     shared_targets: list[str] = field(default_factory=lambda: ["k", "v", "o"])   # roles, see model.backbone
     task_targets: list[str] = field(default_factory=lambda: ["q"])
     fused_kernels: bool = True        # Triton kernels on CUDA when available; torch path elsewhere
-    # with fused_kernels: a layer whose adapters write all of its outputs runs the frozen
-    # projection's GEMM and the adapters as one Triton op (expand in the GEMM's epilogue)
-    # instead of cuBLAS for the base plus the separate adapter op (docs/performance.md)
+    # a layer whose adapters write all of its outputs over a frozen, unhooked base runs the
+    # projection and the adapters as one op: on CUDA with fused_kernels the Triton GEMM with
+    # the expand in its epilogue (instead of cuBLAS plus the separate adapter op), elsewhere
+    # one torch autograd node that writes dX once (docs/architecture.md, docs/performance.md)
     fuse_base_gemm: bool = True
 
     def validate(self) -> None:

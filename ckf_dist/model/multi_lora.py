@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ckf_dist.model.lora_ops import lora_dropout, lora_dropout_mask, multi_lora_torch, per_sample_lora
+from ckf_dist.model.lora_ops import (linear_per_sample_lora, lora_dropout, lora_dropout_mask, multi_lora_torch,
+                                     per_sample_lora)
 
 __all__ = ["AdapterSpec", "LoraRouting", "MultiLoraLinear", "inject_multi_lora", "multi_lora_layers",
            "multi_lora_torch"]
@@ -176,25 +177,38 @@ class MultiLoraLinear(nn.Module):
         return _triton_op() if self.fused_kernels and _kernel_device(x) else None
 
     def _linear_kernel(self, x: torch.Tensor):
-        """The fused base-GEMM + adapters op when asked for and this layer fits it (adapters on
-        all outputs, frozen base), else None."""
+        """The fused base-GEMM + adapters Triton op when asked for and this layer and input fit it, else None."""
         if not (self.fused_kernels and self.fuse_base_gemm and _kernel_device(x)):
             return None
         if x.is_cuda and (x.dtype not in (torch.bfloat16, torch.float16) or x.numel() < 128 * self.in_features):
             # fp32 products would run on FMA units, far below cuBLAS's GEMM; fewer than 128 rows
             # (decoding) would leave most of the GEMM's 64-256-row tiles empty
             return None
+        return _triton_op("linear_multi_lora_triton") if self._one_projection_op() else None
+
+    def _one_projection_op(self) -> bool:
+        """Can the base projection and the adapters run as one op? Adapters on all outputs, frozen base."""
         groups = self._groups()
         weight, bias = self.base.weight, getattr(self.base, "bias", None)
         if (len(groups) != 1 or groups[0][2] is not None or weight.requires_grad
                 or (bias is not None and bias.requires_grad)):
-            return None
-        if hasattr(weight, "ds_id") or self.base._forward_pre_hooks or self.base._forward_hooks:
-            # the base module's forward does more than its GEMM: ZeRO-3 gathers a partitioned
-            # weight in a pre-forward hook (and marks it ds_id), offloading or profiling wrappers
-            # hook it too; this op would skip all of that, so the base runs as a module instead
-            return None
-        return _triton_op("linear_multi_lora_triton")
+            return False
+        # the base module's forward does more than its GEMM: ZeRO-3 gathers a partitioned weight
+        # in a pre-forward hook (and marks it ds_id), offloading or profiling wrappers hook it too;
+        # one op would skip all of that, so the base runs as a module instead
+        return not (hasattr(weight, "ds_id") or self.base._forward_pre_hooks or self.base._forward_hooks)
+
+    def _forward_linear_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """``y = base(x) + adapters`` as one torch autograd op (per-sample path; dX written once)."""
+        keep, keep_scale = lora_dropout_mask(x, self.dropout, self.training, as_bool=False)
+        use_s, use_t, _ = self._groups()[0]
+        a_s, b_s = self._weights("shared") if use_s else (None, None)
+        a_t, b_t = self._weights("task") if use_t else (None, None)
+        s_s = self.shared.scale * keep_scale if use_s else 0.0
+        s_t = self.task.scale * keep_scale if use_t else 0.0
+        return linear_per_sample_lora(x, self.base.weight, getattr(self.base, "bias", None), keep, a_s, b_s,
+                                      a_t, b_t, self.routing.sample_task_ids(x), s_s, s_t,
+                                      weight_in_out=self.conv1d)
 
     def _forward_linear_kernel(self, op, x: torch.Tensor) -> torch.Tensor:
         """``y = base(x) + adapters`` in one op: the projection's GEMM with the expand in its epilogue."""
@@ -225,6 +239,8 @@ class MultiLoraLinear(nn.Module):
         linear_op = self._linear_kernel(x)
         if linear_op is not None:
             return self._forward_linear_kernel(linear_op, x)
+        if self.fuse_base_gemm and x.dim() == 3 and self._kernel(x) is None and self._one_projection_op():
+            return self._forward_linear_torch(x)
         y = self.base(x)
         xd, keep_scale = lora_dropout(x, self.dropout, self.training)     # dropout on x before the shrink
         s_s = self.shared.scale * keep_scale if self.shared is not None else 0.0

@@ -2,8 +2,8 @@
 
 Each rank writes its files into a local staging folder and hands the folder to an
 *uploader* (``ray.train.report`` inside Ray, a plain fsspec upload outside it) while a
-thread hashes the same files; then it puts its file list (sha256 and size of each file)
-beside them. After every rank has done so, rank 0 commits (manifest, then marker). See
+thread hashes the same files and puts its file list (sha256 and size of each file) beside
+them. After every rank has done so, rank 0 commits (manifest, then marker). See
 ``checkpoint.store``.
 """
 
@@ -123,15 +123,19 @@ def save_worker_checkpoint(
     (stage / "state").mkdir(exist_ok=True)
     (stage / "state" / f"rank_{rank:05d}.json").write_text(json.dumps({"rank": rank, "rng": meta, **worker_state}))
     save_file(tensors, str(stage / "state" / f"rng_rank_{rank:05d}.safetensors"))
-    # Hash beside the upload (both only read the staged files; hashlib releases the GIL), then
-    # put this rank's file list next to its files: the commit reads it after every rank is done.
+    # Beside the upload (both only read the staged files; hashlib releases the GIL), hash the
+    # files and put this rank's file list where they go, so nothing is left to send once the
+    # upload ends. The commit reads the lists only after every rank's upload has returned.
+    def put_file_list() -> None:
+        listing = store.hash_tree(stage)
+        fs, path = store.open_store(ckpt_url)
+        fs.makedirs(posixpath.join(path, "files"), exist_ok=True)
+        fs.pipe_file(posixpath.join(path, "files", f"rank_{rank:05d}.json"), json.dumps(listing).encode())
+
     with ThreadPoolExecutor(1, thread_name_prefix="ckf-hash") as pool:
-        hashing = pool.submit(store.hash_tree, stage)
+        listed = pool.submit(put_file_list)
         uploader(stage, name, metrics)
-        listing = hashing.result()
-    fs, path = store.open_store(ckpt_url)
-    fs.makedirs(posixpath.join(path, "files"), exist_ok=True)
-    fs.pipe_file(posixpath.join(path, "files", f"rank_{rank:05d}.json"), json.dumps(listing).encode())
+        listed.result()
     return stage
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import posixpath
 import random
 import shutil
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -127,6 +129,7 @@ def save_worker_checkpoint(
     # files and put this rank's file list where they go, so nothing is left to send once the
     # upload ends. The commit reads the lists only after every rank's upload has returned.
     def put_file_list() -> None:
+        _lower_thread_priority()    # the upload is the critical path: hashing takes the spare cycles
         listing = store.hash_tree(stage)
         fs, path = store.open_store(ckpt_url)
         fs.makedirs(posixpath.join(path, "files"), exist_ok=True)
@@ -137,6 +140,15 @@ def save_worker_checkpoint(
         uploader(stage, name, metrics)
         listed.result()
     return stage
+
+
+def _lower_thread_priority() -> None:
+    """Nice the calling thread to 19 where the OS allows it (Linux: a thread is a task with its own
+    nice value); elsewhere, or without permission, leave it as it is."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
 
 
 def load_worker_checkpoint(engine, ref: store.CheckpointRef, rank: int, world_size: int) -> dict:

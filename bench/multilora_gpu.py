@@ -140,6 +140,26 @@ def errors(op, x, w, ids, scales, dy, ref, ref_grads, **kw):
     return [rel(y, ref)] + [rel(g, r) for g, r in zip(grads, ref_grads)], grads
 
 
+def dtype_cases(shapes):
+    """``(index, shape, dtype name)``: the first two shapes in fp32, fp16 and bf16, the rest in bf16."""
+    for i, shp in enumerate(shapes):
+        for dname in (["fp32", "fp16", "bf16"] if i < 2 else ["bf16"]):
+            yield i, shp, dname
+
+
+def reference_case(shp, dname, seed, base=False):
+    """One correctness case: inputs, a frozen projection weight when ``base`` (else None), dy, and
+    the fp64 reference output (including ``x W^T`` when ``base``) with its input and adapter grads."""
+    x, w, ids = make(*shp[:6], DT[dname], dist=shp[6], seed=seed)
+    base_w = (torch.randn(shp[2], shp[1], device=DEV) * shp[1] ** -0.5).to(DT[dname]) if base else None
+    dy = torch.randn(shp[0], shp[2], device=DEV).to(DT[dname]).double()   # representable in dtype
+    leaves = [v for v in [x] + w if v is not None]
+    ref = multi_lora_reference(x, *w, ids, 2.0, 4.0)
+    if base:
+        ref = F.linear(x.double(), base_w.double()) + ref
+    return x, w, ids, base_w, dy, ref, torch.autograd.grad(ref, leaves, dy)
+
+
 def part_correctness(res):
     shapes = [(4096, 4096, 4096, 16, 16, 4, "uniform"), (1000, 1000, 3000, 8, 64, 7, "zipf"),
               (300, 8192, 8192, 16, 16, 4, "one"), (5000, 64, 64, 8, 8, 3, "empty"),
@@ -151,44 +171,33 @@ def part_correctness(res):
     tpath, tname = torch_path()
     ml.POISON_BUFFERS = True
     rows, ok = [], True
-    for i, shp in enumerate(shapes):
-        for dname in (["fp32", "fp16", "bf16"] if i < 2 else ["bf16"]):
-            x, w, ids = make(*shp[:6], DT[dname], dist=shp[6], seed=100 + i)
-            dy = torch.randn(shp[0], shp[2], device=DEV).to(DT[dname]).double()   # representable in dtype
-            leaves = [v for v in [x] + w if v is not None]
-            ref = multi_lora_reference(x, *w, ids, 2.0, 4.0)
-            ref_grads = torch.autograd.grad(ref, leaves, dy)
-            fe, _ = errors(multi_lora_triton, x, w, ids, (2.0, 4.0), dy, ref, ref_grads)
-            te = errors(tpath, x, w, ids, (2.0, 4.0), dy, ref, ref_grads)[0] if shp[3] and shp[4] else []
-            passed = all(e < TOL[dname] for e in fe)        # NaN fails
-            ok &= passed
-            rows.append(dict(shape=list(shp), dtype=dname, fused=fe, torch=te, passed=passed))
-            res["correctness"] = dict(rows=rows, passed=False, unfinished=True)
-            save(res)
-            print(f"  {str(shp):42s} {dname}  fused max {max(fe):.2e}  torch max "
-                  f"{max(te) if te else float('nan'):.2e}  {'ok' if passed else 'FAIL'}", flush=True)
+    for i, shp, dname in dtype_cases(shapes):
+        x, w, ids, _, dy, ref, ref_grads = reference_case(shp, dname, seed=100 + i)
+        fe, _ = errors(multi_lora_triton, x, w, ids, (2.0, 4.0), dy, ref, ref_grads)
+        te = errors(tpath, x, w, ids, (2.0, 4.0), dy, ref, ref_grads)[0] if shp[3] and shp[4] else []
+        passed = all(e < TOL[dname] for e in fe)        # NaN fails
+        ok &= passed
+        rows.append(dict(shape=list(shp), dtype=dname, fused=fe, torch=te, passed=passed))
+        res["correctness"] = dict(rows=rows, passed=False, unfinished=True)
+        save(res)
+        print(f"  {str(shp):42s} {dname}  fused max {max(fe):.2e}  torch max "
+              f"{max(te) if te else float('nan'):.2e}  {'ok' if passed else 'FAIL'}", flush=True)
     # the projection GEMM with the adapters in its epilogue: y = x W^T + delta, against fp64
     lin_rows = []
-    for i, shp in enumerate(shapes[:4]):
-        for dname in (["fp32", "fp16", "bf16"] if i < 2 else ["bf16"]):
-            x, w, ids = make(*shp[:6], DT[dname], dist=shp[6], seed=200 + i)
-            base_w = (torch.randn(shp[2], shp[1], device=DEV) * shp[1] ** -0.5).to(DT[dname])
-            dy = torch.randn(shp[0], shp[2], device=DEV).to(DT[dname]).double()
-            leaves = [v for v in [x] + w if v is not None]
-            ref = F.linear(x.double(), base_w.double()) + multi_lora_reference(x, *w, ids, 2.0, 4.0)
-            ref_grads = torch.autograd.grad(ref, leaves, dy)
-            # bf16 goes through the autotuner (its launch path); fp32/fp16 take fixed tiles, which
-            # keeps this part's compile time bounded on a bare machine
-            cfg = None if dname == "bf16" else KernelConfig(gemm_block_m=128, gemm_block_n=128, gemm_block_k=32)
-            op = (lambda x, *a, cfg=cfg, **k: linear_multi_lora_triton(x, base_w, None, *a, config=cfg, **k))
-            fe, _ = errors(op, x, w, ids, (2.0, 4.0), dy, ref, ref_grads)
-            passed = all(e < TOL[dname] for e in fe)
-            ok &= passed
-            lin_rows.append(dict(shape=list(shp), dtype=dname, fused_gemm=fe, passed=passed))
-            res["correctness"] = dict(rows=rows, gemm_rows=lin_rows, passed=False, unfinished=True)
-            save(res)
-            print(f"  fused GEMM {str(shp):31s} {dname}  max {max(fe):.2e}  {'ok' if passed else 'FAIL'}",
-                  flush=True)
+    for i, shp, dname in dtype_cases(shapes[:4]):
+        x, w, ids, base_w, dy, ref, ref_grads = reference_case(shp, dname, seed=200 + i, base=True)
+        # bf16 goes through the autotuner (its launch path); fp32/fp16 take fixed tiles, which
+        # keeps this part's compile time bounded on a bare machine
+        cfg = None if dname == "bf16" else KernelConfig(gemm_block_m=128, gemm_block_n=128, gemm_block_k=32)
+        op = (lambda x, *a, cfg=cfg, **k: linear_multi_lora_triton(x, base_w, None, *a, config=cfg, **k))
+        fe, _ = errors(op, x, w, ids, (2.0, 4.0), dy, ref, ref_grads)
+        passed = all(e < TOL[dname] for e in fe)
+        ok &= passed
+        lin_rows.append(dict(shape=list(shp), dtype=dname, fused_gemm=fe, passed=passed))
+        res["correctness"] = dict(rows=rows, gemm_rows=lin_rows, passed=False, unfinished=True)
+        save(res)
+        print(f"  fused GEMM {str(shp):31s} {dname}  max {max(fe):.2e}  {'ok' if passed else 'FAIL'}",
+              flush=True)
     # fused base add, and bitwise determinism of all gradients
     x, w, ids = make(256 if SMOKE else 2048, 64 if SMOKE else 4096, 64 if SMOKE else 4096, 16, 16, 4,
                      torch.bfloat16, seed=7)

@@ -288,6 +288,39 @@ def test_layer_one_op_path_only_where_it_fits():
     base.register_forward_pre_hook(lambda module, args: seen.append(1))
     layer, routing = _layer(base)
     assert not uses_one_op(layer, routing, 8) and seen == [1]
+    base = nn.Linear(8, 6).requires_grad_(False)
+    base.register_full_backward_hook(lambda module, gin, gout: None)
+    layer, routing = _layer(base)
+    assert not uses_one_op(layer, routing, 8)
+    layer, routing = _layer(nn.Linear(8, 6).requires_grad_(False))
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(2))
+    try:
+        assert not uses_one_op(layer, routing, 8) and 2 in seen
+    finally:
+        handle.remove()
+    assert uses_one_op(layer, routing, 8)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_one_op_output_allows_in_place_ops(conv1d):
+    """The one-op layer's output is a tensor of its own, with a bias too: in-place ops on it (an
+    output hook, in-place dropout) work and backpropagate as on the separate path."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = (Conv1D(6, 8) if conv1d else nn.Linear(8, 6)).double().requires_grad_(False)
+    layer, routing = _layer(base)
+    nn.init.normal_(layer.lora_task_B)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for one_op in (True, False):
+        layer.fuse_base_gemm = one_op
+        with routing.active(torch.tensor([0, 1])):
+            y = layer(x)
+        y.mul_(2.0)
+        grads.append(torch.autograd.grad(y.square().sum(), [x, layer.lora_task_B]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_per_sample_and_per_token_layers_agree():

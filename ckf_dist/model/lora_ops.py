@@ -123,12 +123,18 @@ class _LinearPerSampleLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, keep, a_s, b_s, a_t, b_t, ids, s_s, s_t, weight_in_out):
         w = weight.t() if weight_in_out else weight                         # [out, in] (a view for Conv1D)
-        y = F.linear(x, w, bias)
+        # y is a tensor of its own, not a view (F.linear with a bias returns a view of its 2-D
+        # result, and autograd forbids in-place ops on a view returned by a custom Function)
+        y = torch.empty(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, w.shape[0])
+        torch.mm(x2, w.t(), out=y2) if bias is None else torch.addmm(bias, x2, w.t(), out=y2)
         xd = x if keep is None else x * keep                                 # the adapters' dropped input
         a, b = _gather(a_s, b_s, a_t, b_t, ids, s_s, s_t)
         h = torch.bmm(xd, a.transpose(1, 2))                                 # shrink: [B, L, R]
         y.baddbmm_(h, b.transpose(1, 2))                                     # expand into the base's output
-        ctx.save_for_backward(xd, keep, h, weight, a_s, b_s, a_t, b_t, ids)
+        need = ctx.needs_input_grad        # save only what backward reads: xd for dA, keep for dX
+        ctx.save_for_backward(xd if need[4] or need[6] else None, keep if need[0] else None, h, weight,
+                              a_s, b_s, a_t, b_t, ids)
         ctx.scales = (s_s, s_t)
         ctx.weight_in_out = weight_in_out
         return y

@@ -96,6 +96,11 @@ def _triton_op(name: str = "multi_lora_triton"):
     return op
 
 
+# hooks registered for every module (torch.nn.modules.module.register_module_forward_hook & co.)
+_GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks",
+                 "_global_backward_hooks")
+
+
 def _kernel_device(x: torch.Tensor) -> bool:
     """Do the Triton ops take this tensor? CUDA only (tests patch this to run the interpreter on CPU)."""
     return x.is_cuda
@@ -194,9 +199,12 @@ class MultiLoraLinear(nn.Module):
                 or (bias is not None and bias.requires_grad)):
             return False
         # the base module's forward does more than its GEMM: ZeRO-3 gathers a partitioned weight
-        # in a pre-forward hook (and marks it ds_id), offloading or profiling wrappers hook it too;
-        # one op would skip all of that, so the base runs as a module instead
-        return not (hasattr(weight, "ds_id") or self.base._forward_pre_hooks or self.base._forward_hooks)
+        # in a pre-forward hook (and marks it ds_id), offloading or profiling wrappers hook it
+        # too, as may hooks on every module; one op would skip all of that, so the base runs as
+        # a module instead
+        hooked = (self.base._forward_pre_hooks or self.base._forward_hooks or self.base._backward_pre_hooks
+                  or self.base._backward_hooks or any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS))
+        return not (hasattr(weight, "ds_id") or hooked)
 
     def _forward_linear_torch(self, x: torch.Tensor) -> torch.Tensor:
         """``y = base(x) + adapters`` as one torch autograd op (per-sample path; dX written once)."""

@@ -10,8 +10,11 @@
   per sample (a sample's id broadcast over its tokens): each sample's adapter weights are
   gathered (a few KB per sample) and one batched GEMM shrinks, one expands: no wasted rank
   columns. Its autograd function re-gathers in backward instead of saving the copies.
+- :func:`linear_per_sample_lora` is the same path with the frozen base projection inside the
+  op (``x W^T + bias + delta``): backward writes dX once, the base's dX GEMM accumulating into
+  the adapters' masked dX. ``MultiLoraLinear`` uses it wherever the layer fits.
 
-Neither loops over samples or tasks in Python. Weights use peft's layout (``A [r, in]``, ``B [out, r]``).
+None of them loops over samples or tasks in Python. Weights use peft's layout (``A [r, in]``, ``B [out, r]``).
 """
 
 from __future__ import annotations

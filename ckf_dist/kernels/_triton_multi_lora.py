@@ -1,7 +1,9 @@
 """Triton kernels of the fused Multi-LoRA op. Imported lazily by ``multi_lora.py`` only.
 
-Three kernels, launched 1 (forward) + 3 (backward) times per call, with grids sized from
-shapes alone (never from data on the GPU), no sort, no routing tables, no host syncs:
+The side op's three kernels, launched 1 (forward) + 3 (backward) times per call, with grids
+sized from shapes alone (never from data on the GPU), no sort, no routing tables, no host
+syncs (``_gemm_lora_kernel``, the projection GEMM with the expand in its epilogue, is
+described in ``linear_lora.py``):
 
 * ``_lora_kernel``  one program per block of ``BM`` rows, in the rows' original order:
   shrink ``H = M @ [A_s; A_t[task]]^T`` over the whole reduced dimension (both adapters
@@ -428,7 +430,6 @@ def _wsum_kernel(PSB, PTB, PSA, PTA, CH_LO, CH_HI, N_CHUNKS, DB, DA, RS, RT, T,
 # shared memory (fp32) are skipped by the tuner. Six, to bound the first step's compile time.
 _GEMM_TILES = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
                (64, 256, 64, 4, 4), (128, 64, 64, 4, 4)]
-
 
 
 def _fits_dropout_epilogue(bm: int, bn: int, warps: int) -> bool:

@@ -91,12 +91,12 @@ class _PerSampleLora(torch.autograd.Function):
     def backward(ctx, g):
         x, h, a_s, b_s, a_t, b_t, ids = ctx.saved_tensors
         need = ctx.needs_input_grad
-        gh, gx, grads = _adapter_backward(g, x, h, a_s, b_s, a_t, b_t, ids, *ctx.scales, need[1], need[2:6])
+        gx, grads = _adapter_backward(g, x, h, a_s, b_s, a_t, b_t, ids, *ctx.scales, need[1], need[2:6])
         return (g if ctx.has_base and need[0] else None), gx, *grads, None, None, None
 
 
 def _adapter_backward(g, x, h, a_s, b_s, a_t, b_t, ids, s_s: float, s_t: float, need_x: bool, need_w):
-    """Backward of the per-sample adapters: ``(dH, dX of the adapters or None, (dA_s, dB_s, dA_t, dB_t))``
+    """Backward of the per-sample adapters: ``(dX of the adapters or None, (dA_s, dB_s, dA_t, dB_t))``
     for ``g = dY [B, L, out]``, the shrink's input ``x`` and its output ``h``; ``need_w`` flags the four."""
     a, b = _gather(a_s, b_s, a_t, b_t, ids, s_s, s_t)                       # re-gathered, not saved
     gh = torch.bmm(g, b)                                                     # [B, L, R]
@@ -111,7 +111,7 @@ def _adapter_backward(g, x, h, a_s, b_s, a_t, b_t, ids, s_s: float, s_t: float, 
         gb = torch.bmm(g.transpose(1, 2), h)                                 # [B, out, R]
         gb_s = gb[:, :, :rs].sum(0) * s_s if need_w[1] else None
         gb_t = torch.zeros_like(b_t).index_add_(0, ids, gb[:, :, rs:]) * s_t if need_w[3] else None
-    return gh, gx, (ga_s, gb_s, ga_t, gb_t)
+    return gx, (ga_s, gb_s, ga_t, gb_t)
 
 
 class _LinearPerSampleLora(torch.autograd.Function):
@@ -147,7 +147,7 @@ class _LinearPerSampleLora(torch.autograd.Function):
     def backward(ctx, g):
         xd, keep, h, weight, a_s, b_s, a_t, b_t, ids = ctx.saved_tensors
         need = ctx.needs_input_grad
-        _, gx, grads = _adapter_backward(g, xd, h, a_s, b_s, a_t, b_t, ids, *ctx.scales, need[0], need[4:8])
+        gx, grads = _adapter_backward(g, xd, h, a_s, b_s, a_t, b_t, ids, *ctx.scales, need[0], need[4:8])
         if gx is not None:
             if keep is not None:
                 gx.mul_(keep)                                                # dropout's backward, in place

@@ -209,11 +209,7 @@ class MultiLoraLinear(nn.Module):
     def _forward_linear_torch(self, x: torch.Tensor) -> torch.Tensor:
         """``y = base(x) + adapters`` as one torch autograd op (per-sample path; dX written once)."""
         keep, keep_scale = lora_dropout_mask(x, self.dropout, self.training, as_bool=False)
-        use_s, use_t, _ = self._groups()[0]
-        a_s, b_s = self._weights("shared") if use_s else (None, None)
-        a_t, b_t = self._weights("task") if use_t else (None, None)
-        s_s = self.shared.scale * keep_scale if use_s else 0.0
-        s_t = self.task.scale * keep_scale if use_t else 0.0
+        a_s, b_s, a_t, b_t, s_s, s_t = self._adapter_args(*self._groups()[0][:2], keep_scale)
         return linear_per_sample_lora(x, self.base.weight, getattr(self.base, "bias", None), keep, a_s, b_s,
                                       a_t, b_t, self.routing.sample_task_ids(x), s_s, s_t,
                                       weight_in_out=self.conv1d)
@@ -223,14 +219,18 @@ class MultiLoraLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         keep, keep_scale = lora_dropout_mask(x2, self.dropout, self.training)   # applied inside the op
         w = self.base.weight.t() if self.conv1d else self.base.weight      # as [out, in] (a view for Conv1D)
-        use_s, use_t, _ = self._groups()[0]
-        a_s, b_s = self._weights("shared") if use_s else (None, None)
-        a_t, b_t = self._weights("task") if use_t else (None, None)
-        s_s = self.shared.scale * keep_scale if use_s else 0.0
-        s_t = self.task.scale * keep_scale if use_t else 0.0
+        a_s, b_s, a_t, b_t, s_s, s_t = self._adapter_args(*self._groups()[0][:2], keep_scale)
         y = op(x2, w, getattr(self.base, "bias", None), a_s, b_s, a_t, b_t, self.routing.token_task_ids(x),
                s_s, s_t, lora_mask=keep)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _adapter_args(self, use_s: bool, use_t: bool, keep_scale: float):
+        """``(a_s, b_s, a_t, b_t, s_s, s_t)`` of one adapter op (None and 0.0 for an unused kind); the
+        scales carry dropout's 1 / (1 - p)."""
+        a_s, b_s = self._weights("shared") if use_s else (None, None)
+        a_t, b_t = self._weights("task") if use_t else (None, None)
+        return (a_s, b_s, a_t, b_t, self.shared.scale * keep_scale if use_s else 0.0,
+                self.task.scale * keep_scale if use_t else 0.0)
 
     def _groups(self):
         """(use shared, use task, output index) per adapter op: one op when both write the same outputs."""
@@ -247,13 +247,11 @@ class MultiLoraLinear(nn.Module):
         linear_op = self._linear_kernel(x)
         if linear_op is not None:
             return self._forward_linear_kernel(linear_op, x)
-        if self.fuse_base_gemm and x.dim() == 3 and self._kernel(x) is None and self._one_projection_op():
+        kernel = self._kernel(x)
+        if self.fuse_base_gemm and x.dim() == 3 and kernel is None and self._one_projection_op():
             return self._forward_linear_torch(x)
         y = self.base(x)
         xd, keep_scale = lora_dropout(x, self.dropout, self.training)     # dropout on x before the shrink
-        s_s = self.shared.scale * keep_scale if self.shared is not None else 0.0
-        s_t = self.task.scale * keep_scale if self.task is not None else 0.0
-        kernel = self._kernel(x)
         per_token = kernel is not None or x.dim() != 3
         if per_token:   # the contract op on flattened tokens: [N, in] with per-token task ids
             ids = self.routing.token_task_ids(x)
@@ -262,8 +260,7 @@ class MultiLoraLinear(nn.Module):
         else:
             ids = self.routing.sample_task_ids(x)
         for use_s, use_t, index in self._groups():
-            a_s, b_s = self._weights("shared") if use_s else (None, None)
-            a_t, b_t = self._weights("task") if use_t else (None, None)
+            a_s, b_s, a_t, b_t, s_s, s_t = self._adapter_args(use_s, use_t, keep_scale)
             if per_token:
                 delta = op(xd, a_s, b_s, a_t, b_t, ids, s_s, s_t)
                 y = y + delta if index is None else y.index_add(-1, index, delta)

@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip install -q -c constraints-cpu.txt
 
-.PHONY: setup demo test bench clean-runs
+.PHONY: setup demo test test-fast bench clean-runs
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt requirements-test.txt
@@ -26,6 +26,10 @@ demo: setup
 
 test: setup
 	$(BIN)/pytest -q
+
+# unit tests only: no Ray cluster, no subprocess trainers, no minutes-long compiles (~3 min)
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow and not ray"
 
 bench: setup
 	$(BIN)/python bench/data_stream.py

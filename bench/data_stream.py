@@ -114,7 +114,7 @@ def main() -> int:
     url = args.url
     if not url:
         from ckf_dist.config import load_config
-        from ckf_dist.data.prepare import run_prepare
+        from ckf_dist.stages.prepare import run_prepare
 
         url = f"{tmp}/ml-100k"
         print(f"preparing MovieLens-100k into {url} ...", flush=True)

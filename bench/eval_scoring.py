@@ -4,7 +4,7 @@ Compares, in one run (interleaved rounds; the minimum time per path; same users,
   full     one full forward (prompt + candidate) per candidate: K prompt forwards per user (naive)
   shared   ckf_dist.model.scoring.sequential_scores: the prompt once per user, its K candidates
            batched from the cached keys/values
-  batched  ckf_dist.eval.evaluate.sequential_logliks: the prompts of B users once (one batch), all
+  batched  ckf_dist.model.scoring.sequential_logliks: the prompts of B users once (one batch), all
            B x K candidates in one batch from the cache (what ``ckf evaluate`` runs)
 
 All three must give the same log-likelihoods (max |diff| printed, fp32 tolerance 1e-4).
@@ -28,8 +28,9 @@ import torch
 from ckf_dist.config import config_from_dict
 from ckf_dist.data import load_cf_tables
 from ckf_dist.data.collate import collate
-from ckf_dist.data.prepare import run_prepare
-from ckf_dist.eval.evaluate import load_test_rows, sequential_logliks
+from ckf_dist.stages.prepare import run_prepare
+from ckf_dist.model.scoring import sequential_logliks
+from ckf_dist.stages.evaluate import load_test_rows
 from ckf_dist.model import ModelConfig, build_ckf_model, load_backbone
 from ckf_dist.model.scoring import sequential_scores
 from ckf_dist.model.testing import randomize_adapters

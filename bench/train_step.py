@@ -127,8 +127,8 @@ def main() -> None:
     from ckf_dist.checkpoint import store
     from ckf_dist.config import load_config
     from ckf_dist.data.errors import DataError
-    from ckf_dist.data.prepare import run_prepare
-    from ckf_dist.data.shards import read_manifest
+    from ckf_dist.stages.prepare import run_prepare
+    from ckf_dist.data.shards import read_dataset_manifest
     from ckf_dist.model import load_backbone
     from ckf_dist.train.worker import Worker
 
@@ -142,7 +142,7 @@ def main() -> None:
     cfg = load_config(args.config, [*overrides, "train.num_workers=1", f"train.storage={storage}",
                                     f"train.log_dir={work / 'logs'}", "run_name=bench", "train.max_steps=100000"])
     try:
-        read_manifest(cfg.data.output)
+        read_dataset_manifest(cfg.data.output)
     except DataError:
         run_prepare(cfg, overwrite=False, progress=False)
     deepspeed.init_distributed(dist_backend="gloo")

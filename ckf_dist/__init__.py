@@ -2,5 +2,4 @@
 
 __version__ = "0.1.0"
 
-TASKS = ("ctr", "sequential", "rating", "review")
-"""Task keys in task-id order: a sample's ``task_id`` indexes this tuple."""
+from ckf_dist.contract import TASKS  # noqa: E402,F401  (the task keys; see ckf_dist.contract)

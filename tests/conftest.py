@@ -132,7 +132,7 @@ def tiny_config(output: str, **data_overrides):
 @pytest.fixture(scope="session")
 def prepared_dataset(tmp_path_factory) -> PreparedDataset:
     """A tiny synthetic dataset (48 users, 40 items, all four tasks) prepared once per session."""
-    from ckf_dist.data.prepare import run_prepare
+    from ckf_dist.stages.prepare import run_prepare
 
     out = Path(tmp_path_factory.mktemp("prepared")) / "tiny"
     cfg = tiny_config(out)
@@ -234,3 +234,16 @@ def _save_zero_shards(model, ds_dir: Path, tag: str) -> None:
         finally:
             if owns_group and dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-guard", action="store_true", help="also run tests marked guard (tens of minutes)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-guard"):
+        return
+    skip = pytest.mark.skip(reason="guard: the full-size interpreter sweep; run with --run-guard")
+    for item in items:
+        if "guard" in item.keywords:
+            item.add_marker(skip)

@@ -11,7 +11,7 @@ import torch
 from conftest import make_checkpoint
 from safetensors.torch import load_file, save_file
 
-from ckf_dist.checkpoint.consolidate import consolidate
+from ckf_dist.stages.consolidate import consolidate
 from ckf_dist.checkpoint.store import COMMIT_MARKER, CheckpointError
 
 CHILD = r"""

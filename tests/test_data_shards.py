@@ -13,8 +13,8 @@ from safetensors.numpy import load_file
 from ckf_dist import TASKS
 from ckf_dist.data import shards as shards_mod
 from ckf_dist.data.errors import DataError
-from ckf_dist.data.prepare import run_prepare
-from ckf_dist.data.shards import read_manifest
+from ckf_dist.stages.prepare import run_prepare
+from ckf_dist.data.shards import read_dataset_manifest
 from ckf_dist.data.stream import ShardStream, check_tokenizer
 from ckf_dist.resources import load_tokenizer
 
@@ -102,7 +102,7 @@ def test_prepare_is_deterministic_and_s3_round_trip(prepared_dataset, s3_url):
     m = run_prepare(tiny_config(url), progress=False)
     local = prepared_dataset.manifest
     assert [(s["path"], s["sha256"]) for s in m["shards"]] == [(s["path"], s["sha256"]) for s in local["shards"]]
-    assert read_manifest(url)[0] == m
+    assert read_dataset_manifest(url)[0] == m
     for split in ("train", "valid", "test"):
         assert _ids(url, split) == _ids(prepared_dataset.url, split)
     remote = [r.to_dict(lists=True) for r in ShardStream(url, "test", shuffle_buffer=0, prefetch=2)]

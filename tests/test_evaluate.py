@@ -9,7 +9,10 @@ import pytest
 import torch
 from conftest import make_checkpoint
 
-from ckf_dist.eval.evaluate import format_table, run_evaluate, sequential_logliks, task_metrics, load_test_rows
+from ckf_dist.eval.report import format_table
+from ckf_dist.eval.scoring import task_metrics
+from ckf_dist.model.scoring import sequential_logliks
+from ckf_dist.stages.evaluate import load_test_rows, run_evaluate
 
 
 def test_task_metrics_hand_computed():
@@ -77,7 +80,7 @@ def test_batched_candidates_match_per_user_and_full_forward(prepared_dataset, ti
 def test_run_evaluate_end_to_end(prepared_dataset, tmp_path):
     from conftest import tiny_config
 
-    from ckf_dist.checkpoint.consolidate import consolidate, load_consolidated
+    from ckf_dist.stages.consolidate import consolidate, load_consolidated
     from ckf_dist.data import load_cf_tables
     from ckf_dist.data.collate import collate
     from ckf_dist.eval.metrics import auc

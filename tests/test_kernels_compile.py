@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow   # compiles Triton kernels for sm_90 (minutes on 2 cores)
+
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 

@@ -288,7 +288,7 @@ def test_fused_projection_in_bounds(monkeypatch, rs, rt, dist, dtype, masked):
                 masked=masked)
 
 
-@pytest.mark.skipif(os.environ.get("CKF_FULL_GUARD") != "1", reason="minutes under the interpreter: CKF_FULL_GUARD=1")
+@pytest.mark.guard
 def test_h200_fault_case_full_size(monkeypatch):
     """The exact H200 shapes and tiles, ranks padded 16/64 as in the run that faulted."""
     run_guarded(monkeypatch, 1000, 1000, 3000, 8, 64, 7, "zipf", torch.float16,

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 DASHBOARD_DEPS = ("aiohttp_cors", "opencensus", "prometheus_client", "colorful", "smart_open")
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.ray]
 
 
 def _free_ports(n: int) -> list[int]:

@@ -29,7 +29,7 @@ pytest.importorskip("deepspeed")
 from ckf_dist.checkpoint import store  # noqa: E402
 from ckf_dist.config import config_from_dict, dump_config  # noqa: E402
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.ray]
 
 
 def train_cfg(data_url: str, storage: str, run_name: str, **train):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -29,16 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
-from fsspec.core import url_to_fs
 
-COMMIT_MARKER = "COMMITTED"
-MANIFEST = "manifest.json"
+from ckf_dist.contract import CHECKPOINT_MANIFEST, COMMIT_MARKER
+from ckf_dist.storage import open_url, pyarrow_filesystem, url_of  # noqa: F401  (pyarrow_filesystem re-exported)
+
+MANIFEST = CHECKPOINT_MANIFEST
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 CHECKPOINT_SCHEMA = 1
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, uncommitted, corrupt or does not match the run."""
+from ckf_dist.errors import CheckpointError  # noqa: E402  (re-exported)
 
 
 def step_dir_name(step: int) -> str:
@@ -47,21 +46,8 @@ def step_dir_name(step: int) -> str:
 
 
 def open_store(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Filesystem and root path for a storage URL; a plain local path stays plain and absolute."""
-    if "://" not in url:
-        url = os.path.abspath(url)
-    fs, path = url_to_fs(url)
-    return fs, path.rstrip("/")
-
-
-def pyarrow_filesystem(url: str):
-    """(pyarrow filesystem, path) for Ray's ``RunConfig``: local paths stay native, others go through fsspec."""
-    import pyarrow.fs as pafs
-
-    fs, path = open_store(url)
-    if "://" not in url or url.startswith("file://"):
-        return None, path
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    """Filesystem and root path for a storage URL (``ckf_dist.storage.open_url``: storage options honoured)."""
+    return open_url(url)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -94,8 +80,7 @@ class CheckpointRef:
 
     @property
     def url(self) -> str:
-        protocol = self.fs.protocol[0] if isinstance(self.fs.protocol, (tuple, list)) else self.fs.protocol
-        return self.path if protocol in ("file", "local") else f"{protocol}://{self.path}"
+        return url_of(self.fs, self.path)
 
 
 def _list_step_dirs(fs, run_path: str) -> list[tuple[int, str]]:
@@ -111,7 +96,7 @@ def _list_step_dirs(fs, run_path: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def read_manifest(fs, ckpt_path: str) -> dict:
+def read_checkpoint_manifest(fs, ckpt_path: str) -> dict:
     """Manifest of a checkpoint folder; CheckpointError when it is not committed."""
     if not fs.exists(posixpath.join(ckpt_path, COMMIT_MARKER)):
         raise CheckpointError(f"{ckpt_path}: no {COMMIT_MARKER} marker; the checkpoint was never committed")
@@ -131,7 +116,7 @@ def latest_committed(storage_url: str, run_name: str) -> CheckpointRef | None:
     run_path = posixpath.join(root, run_name)
     for step, path in reversed(_list_step_dirs(fs, run_path)):
         if fs.exists(posixpath.join(path, COMMIT_MARKER)):
-            return CheckpointRef(fs, path, step, read_manifest(fs, path))
+            return CheckpointRef(fs, path, step, read_checkpoint_manifest(fs, path))
     return None
 
 
@@ -143,11 +128,11 @@ def resolve_checkpoint(url: str) -> CheckpointRef:
         raise CheckpointError(f"{url}: not found")
     m = STEP_DIR.match(posixpath.basename(path))
     if m:
-        return CheckpointRef(fs, path, int(m.group(1)), read_manifest(fs, path))
+        return CheckpointRef(fs, path, int(m.group(1)), read_checkpoint_manifest(fs, path))
     steps = _list_step_dirs(fs, path)
     for step, p in reversed(steps):
         if fs.exists(posixpath.join(p, COMMIT_MARKER)):
-            return CheckpointRef(fs, p, step, read_manifest(fs, p))
+            return CheckpointRef(fs, p, step, read_checkpoint_manifest(fs, p))
     if steps:
         raise CheckpointError(f"{url}: {len(steps)} checkpoint folder(s) but none committed (no {COMMIT_MARKER} marker)")
     raise CheckpointError(f"{url}: neither a checkpoint (step_XXXXXXXX) nor a run folder holding one")

@@ -2,7 +2,7 @@
 
 Main entry points (imported lazily, so ``import ckf_dist.data.config`` stays cheap):
 ``run_prepare`` (prepare.py), ``ShardStream`` and ``check_tokenizer`` (stream.py),
-``collate`` (collate.py), ``read_manifest``/``load_cf_tables``/``load_items`` (shards.py),
+``collate`` (collate.py), ``read_dataset_manifest``/``load_cf_tables``/``load_items`` (shards.py),
 ``DataError`` (errors.py).
 """
 
@@ -12,7 +12,7 @@ import importlib
 
 _EXPORTS = {
     "DataError": "errors", "run_prepare": "prepare", "ShardStream": "stream", "check_tokenizer": "stream",
-    "collate": "collate", "read_manifest": "shards", "load_cf_tables": "shards", "load_items": "shards",
+    "collate": "collate", "read_dataset_manifest": "shards", "load_cf_tables": "shards", "load_items": "shards",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from ckf_dist.contract import IGNORE_INDEX
 
 
 def _pad(seqs: Sequence, pad: int) -> np.ndarray:

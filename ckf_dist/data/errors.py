@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections import Counter
 
 
-class DataError(ValueError):
-    """Bad input data or storage; the message names the file/URL, line and field."""
+from ckf_dist.errors import DataError  # noqa: E402  (re-exported)
 
 
 def where(path: str, line: int | None = None, field: str | None = None) -> str:

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ckf_dist import TASKS
+from ckf_dist.contract import ITEM_SLOT, TASKS, USER_SLOT
 from ckf_dist.data.errors import DataError
 from ckf_dist.data.protocol import Sample
 
-USER_SLOT, ITEM_SLOT = 0, 1
 CTR_ANSWERS = (" No", " Yes")                       # label 0 / 1
 RATING_ANSWERS = tuple(f" {r}" for r in range(1, 6))
 

@@ -26,12 +26,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ckf_dist import TASKS
+from ckf_dist.contract import SPLITS, TASKS
 from ckf_dist.data.config import DataConfig
 from ckf_dist.data.errors import DataError
 from ckf_dist.data.sources.base import Interactions
 
-SPLITS = ("train", "valid", "test")
 _STREAM = {"cold": 1, "valid": 2, "test": 3, "task-valid": 4, "task-test": 5, "train": 6}
 
 

@@ -22,12 +22,13 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ckf_dist.contract import DATASET_MANIFEST, DATASET_MARKER, SHARD_COLUMNS
 from ckf_dist.data.errors import DataError
 from ckf_dist.data.storage import exists, invalidate, join, open_fs, read_bytes, unreachable, write_bytes_atomic
 
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-MARKER = "_PREPARING.json"
+MANIFEST = DATASET_MANIFEST
+MARKER = DATASET_MARKER
 
 _I32 = pa.list_(pa.int32())
 SCHEMA = pa.schema([
@@ -38,6 +39,7 @@ SCHEMA = pa.schema([
     ("candidates", _I32), ("cand_ids", pa.list_(_I32)), ("answer_text", pa.string()),
 ])
 COLUMNS = SCHEMA.names
+assert tuple(COLUMNS) == SHARD_COLUMNS, "the shard schema and ckf_dist.contract.SHARD_COLUMNS disagree"
 
 
 def table_bytes(table: pa.Table) -> bytes:
@@ -146,7 +148,7 @@ class DatasetWriter:
         return manifest
 
 
-def read_manifest(url: str, storage_options: dict | None = None) -> tuple[dict, object, str]:
+def read_dataset_manifest(url: str, storage_options: dict | None = None) -> tuple[dict, object, str]:
     """(manifest, fs, root) of a complete dataset; a clear error for partial or foreign data."""
     fs, root = open_fs(url, storage_options)
     invalidate(fs)
@@ -187,7 +189,7 @@ def load_shard(fs, root: str, entry: dict, url: str, verify: bool = True) -> pa.
 def read_dataset_file(url: str, name: str, storage_options: dict | None = None, manifest: dict | None = None) -> bytes:
     """A side file of a complete dataset (``items``, ``users``, ``cf_embeddings``, ``cf_metrics``), sha256-checked."""
     if manifest is None:
-        manifest, fs, root = read_manifest(url, storage_options)
+        manifest, fs, root = read_dataset_manifest(url, storage_options)
     else:
         fs, root = open_fs(url, storage_options)
     entry = manifest["files"].get(name)

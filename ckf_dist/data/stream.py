@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from ckf_dist.data.errors import DataError
-from ckf_dist.data.shards import COLUMNS, load_shard, read_manifest
+from ckf_dist.data.shards import COLUMNS, load_shard, read_dataset_manifest
 
 CHUNK_ROWS = 256
 _LIST = ("history", "text_ids", "cf_ids", "slot_pos", "slot_kind", "slot_cf_id", "candidates")
@@ -186,7 +186,7 @@ class ShardStream:
         self.url, self.split, self.rank, self.world_size, self.seed = url, split, rank, world_size, seed
         self.shuffle_buffer, self.prefetch, self.verify = shuffle_buffer, max(0, prefetch), verify
         self.drop_remainder = drop_remainder
-        self.manifest, self._fs, self._root = read_manifest(url, storage_options)
+        self.manifest, self._fs, self._root = read_dataset_manifest(url, storage_options)
         self.shards = [s for s in self.manifest["shards"] if s["split"] == split]
         if not self.shards:
             splits = sorted({s["split"] for s in self.manifest["shards"]})

@@ -1,4 +1,4 @@
-"""Recommendation and generation metrics (DESIGN.md section 1, the task table).
+"""Recommendation and generation metrics (docs/method.md, the task table).
 
 Ranking ties are broken pessimistically (a candidate tied with the true item counts as
 ranked above it), so a scorer that gives every candidate the same score gets no credit.

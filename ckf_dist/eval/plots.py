@@ -27,7 +27,7 @@ def draw_report(report: dict, metrics_log: Path, out: Path) -> Path | None:
     except ImportError:
         print("evaluate: matplotlib is not installed; no PNG (pip install matplotlib)")
         return None
-    from ckf_dist.eval.evaluate import MAIN_METRIC
+    from ckf_dist.eval.report import MAIN_METRIC
 
     rows = read_metrics_log(metrics_log)
     fig, (ax_curve, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.5))

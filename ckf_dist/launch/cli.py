@@ -27,11 +27,11 @@ def _user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(args) -> int:
-        from ckf_dist.config import ConfigError
+        from ckf_dist.errors import CKFError
 
         try:
             return int(fn(args) or 0)
-        except (LaunchError, ConfigError) as exc:
+        except CKFError as exc:
             print(f"ckf: error: {exc}", file=sys.stderr)
             return 2
 

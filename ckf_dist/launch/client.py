@@ -16,8 +16,7 @@ DEFAULT_DASHBOARD_PORT = 8265
 _RAY_ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 
 
-class LaunchError(RuntimeError):
-    """A submission or job-control problem a user can fix; the message says what and how."""
+from ckf_dist.errors import LaunchError  # noqa: E402  (re-exported)
 
 
 def resolve_address(address: str | None = None) -> str:

@@ -1,6 +1,6 @@
 """The personalized mapping bridge: frozen CF embeddings -> tokens in the LLM's input space.
 
-DESIGN.md section 1, "Knowledge fusion", for user u with history I_u:
+docs/method.md, "Knowledge fusion", for user u with history I_u:
 
     p_u        = mean_{j in I_u} E_V[j]           (1)  (or attention pooling over I_u)
     W_u        = reshape(MetaNet(p_u), d, d)      (2)  MetaNet: d -> meta_hidden -> d*d
@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ckf_dist.contract import ITEM_SLOT, USER_SLOT
 from ckf_dist.model.config import BridgeConfig
 
-USER_SLOT, ITEM_SLOT = 0, 1
 
 
 class Bridge(nn.Module):

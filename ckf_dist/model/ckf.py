@@ -1,6 +1,6 @@
 """CKFModel: frozen backbone + Multi-LoRA + bridge, and the two-stream curriculum objective.
 
-DESIGN.md section 1, "Training objective":
+docs/method.md, "Training objective":
 
     L_text = CE on answer tokens of the text-only prompts      (trains the LoRA adapters)
     L_cf   = CE on answer tokens of the CF-slot prompts         (trains the bridge; LoRA constant)
@@ -19,13 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ckf_dist import TASKS
+from ckf_dist.contract import IGNORE_INDEX, SLOT_KEYS, TASKS
 from ckf_dist.model.backbone import family_of
 from ckf_dist.model.bridge import Bridge
 from ckf_dist.model.config import ModelConfig
 from ckf_dist.model.multi_lora import LoraRouting, MultiLoraLinear, inject_multi_lora, multi_lora_layers
 
-SLOT_KEYS = ("history", "slot_row", "slot_pos", "slot_kind", "slot_cf_id")
 MODES = ("two_stream", "joint")
 
 
@@ -117,7 +116,7 @@ class CKFModel(nn.Module):
         slots = {k: batch[k] for k in SLOT_KEYS} if stream == "cf" else None
         hidden = self.hidden(ids, mask, batch["task_ids"], slots, detach_lora).last_hidden_state
         target = labels[:, 1:]
-        answer = target != -100                       # position i predicts token i + 1
+        answer = target != IGNORE_INDEX                       # position i predicts token i + 1
         logits = self.logits(hidden[:, :-1][answer])           # LM head on answer positions only
         logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         token_loss = F.cross_entropy(logits, target[answer], reduction="none")

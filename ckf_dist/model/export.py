@@ -14,7 +14,6 @@ of B outside its slice, so plain peft reproduces it exactly.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckf_dist.model.backbone import family_of
+from ckf_dist.storage import atomic_dir, atomic_file
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
@@ -32,9 +32,8 @@ def save_trainable(model, path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata={"format": "ckf-trainable", "n_tasks": str(model.n_tasks)})
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "ckf-trainable", "n_tasks": str(model.n_tasks)})
 
 
 def load_trainable(model, path) -> None:
@@ -128,15 +127,9 @@ def export_peft(model, out_dir, base_model_name_or_path: str = "", tasks: list[i
             weights[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
             weights[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
         folder = out_dir / model.task_names[t]
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        config.save_pretrained(str(tmp))
-        save_file(weights, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
-        (tmp / "ckf_task.json").write_text(json.dumps({"task": model.task_names[t], "task_id": t}) + "\n")
-        if folder.exists():
-            import shutil
-
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        with atomic_dir(folder) as tmp:
+            config.save_pretrained(str(tmp))
+            save_file(weights, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+            (tmp / "ckf_task.json").write_text(json.dumps({"task": model.task_names[t], "task_id": t}) + "\n")
         folders[model.task_names[t]] = folder
     return folders

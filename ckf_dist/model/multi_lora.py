@@ -1,7 +1,7 @@
 """Multi-LoRA layers: one task-shared adapter plus T task adapters on a frozen linear layer.
 
 Every token is routed to its own sample's task adapter inside one mixed-task batch, with
-no Python loop over samples or tasks (DESIGN.md section 1, "Multi-LoRA"):
+no Python loop over samples or tasks (docs/method.md, "Multi-LoRA"):
 
     delta(x) = s_s * B_s A_s x  +  s_t * B_{t(x)} A_{t(x)} x          s = alpha / r
 

@@ -1,4 +1,4 @@
-"""Deterministic task heads without new parameters (DESIGN.md section 1, "The four tasks").
+"""Deterministic task heads without new parameters (docs/method.md, "The four tasks").
 
 Every function takes a collated batch (the contract's dict keys, docs/architecture.md) and a
 ``stream``: ``"cf"`` scores the CF-slot prompts through the bridge, ``"text"`` the text-only
@@ -17,7 +17,8 @@ import contextlib
 
 import torch
 
-from ckf_dist.model.ckf import SLOT_KEYS, CKFModel, output_cache
+from ckf_dist.contract import IGNORE_INDEX, SLOT_KEYS
+from ckf_dist.model.ckf import CKFModel, output_cache
 
 
 @contextlib.contextmanager
@@ -34,7 +35,7 @@ def _evaluating(model: CKFModel):
 def prompt_lengths(batch: dict, stream: str) -> torch.Tensor:
     """Per row, the index where the answer starts (rows without labels: their whole length)."""
     labels, mask = batch[f"{stream}_labels"], batch[f"{stream}_attention_mask"]
-    has = labels != -100
+    has = labels != IGNORE_INDEX
     first = torch.where(has.any(1), has.int().argmax(1), mask.sum(1))
     return first
 
@@ -169,3 +170,43 @@ def greedy_generate(model: CKFModel, batch: dict, max_new_tokens: int, eos_id: i
             out = model.hidden(nxt.view(b, 1), mask, task_ids, None, cache=output_cache(out),
                                position_ids=positions, use_cache=True)
     return out_tokens
+
+
+def sequential_logliks(model, batch: dict, cand_ids: list[list[list[int]]], stream: str = "cf") -> list[torch.Tensor]:
+    """Per row, log p(candidate tokens | prompt) ``[K_i]``: prompts once, all rows' candidates in one batch.
+
+    The right-padded prompts run once with a cache; each row's cache is repeated for its K_i
+    candidates, which continue at positions ``len_i + t`` with the prompt padding masked out.
+    Equal (within fp32 tolerance) to :func:`sequential_scores`, one row at a time.
+    """
+    lengths = prompt_lengths(batch, stream)
+    b = lengths.numel()
+    counts = torch.tensor([len(c) for c in cand_ids])
+    if any(len(c) == 0 for row in cand_ids for c in row):
+        raise ValueError("cand_ids: every candidate needs at least one token")
+    p = int(lengths.max())
+    ids = batch[f"{stream}_input_ids"][:, :p]
+    device = ids.device
+    mask = (torch.arange(p, device=device)[None, :] < lengths[:, None].to(device)).long()
+    task_ids = batch["task_ids"]
+    with _evaluating(model):
+        out = model.hidden(ids, mask, task_ids, _slots(batch, stream), use_cache=True)
+        last = out.last_hidden_state[torch.arange(b, device=device), (lengths - 1).to(device)]
+        first = torch.log_softmax(model.logits(last).float(), -1)                               # [B, V]
+        row_of = torch.repeat_interleave(torch.arange(b), counts).to(device)                    # [N]
+        cache = output_cache(out)
+        cache.reorder_cache(row_of)                                                             # prompt KV per candidate
+        cids, cmask = (t.to(device) for t in _pad([c for row in cand_ids for c in row], 0))
+        full_mask = torch.cat([mask[row_of], cmask], dim=1)
+        positions = lengths.to(device)[row_of, None] + torch.arange(cids.shape[1], device=device)[None, :]
+        cont = model.hidden(cids, full_mask, task_ids[row_of], None, cache=cache, position_ids=positions,
+                            use_cache=True).last_hidden_state                                  # [N, Lc, H]
+        scores = first[row_of, cids[:, 0]]
+        valid = cmask[:, 1:].bool()
+        if valid.any():               # LM head only on real continuation tokens
+            logp = torch.log_softmax(model.logits(cont[:, :-1][valid]).float(), -1)
+            tok = logp.gather(-1, cids[:, 1:][valid].unsqueeze(-1)).squeeze(-1)
+            scores = scores.index_add(0, torch.nonzero(valid)[:, 0], tok)
+    return list(scores.cpu().split(counts.tolist()))
+
+

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from ckf_dist.checkpoint import store
+from ckf_dist.contract import CHECKPOINT_EXPORT
 
 Uploader = Callable[[Path, str, dict], None]  # (local folder, checkpoint dir name, metrics)
 
@@ -117,7 +118,7 @@ def save_worker_checkpoint(
     export = gathered_trainable_state(engine, export_dtype)
     if rank == 0:
         (stage / "export").mkdir()
-        save_file(export, str(stage / "export" / "trainable.safetensors"), metadata={"step": str(step)})
+        save_file(export, str(stage / CHECKPOINT_EXPORT), metadata={"step": str(step)})
         for rel, text in rank0_files.items():
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
             (stage / rel).write_text(text)

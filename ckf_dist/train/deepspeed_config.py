@@ -8,8 +8,7 @@ from pathlib import Path
 from ckf_dist.train.config import TrainConfig
 
 
-class TrainError(RuntimeError):
-    """A training problem the user can act on (bad DeepSpeed JSON, mismatched resume, ...)."""
+from ckf_dist.errors import TrainError  # noqa: E402  (re-exported)
 
 
 def deep_merge(base: dict, override: dict) -> dict:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ckf_dist.checkpoint import store
+from ckf_dist.contract import IGNORE_INDEX, N_TASKS, STREAMS
 from ckf_dist.config import CKFConfig, config_to_dict, dump_config
 from ckf_dist.train.checkpointing import barrier, load_worker_checkpoint, save_worker_checkpoint
 from ckf_dist.train.deepspeed_config import TrainError, build_deepspeed_config
@@ -82,14 +83,14 @@ class Worker:
         """Data stream, CKF model and DeepSpeed engine, in that order."""
         import deepspeed
 
-        from ckf_dist.data import check_tokenizer, load_cf_tables, read_manifest
+        from ckf_dist.data import check_tokenizer, load_cf_tables, read_dataset_manifest
         from ckf_dist.data.stream import ShardStream
         from ckf_dist.model import build_ckf_model, load_backbone
 
         cfg, tcfg = self.cfg, self.cfg.train
         # DeepSpeed's comm layer joins the process group Ray Train set up (zero.Init needs it early)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() and tcfg.use_gpu else "gloo")
-        self.manifest, _, _ = read_manifest(cfg.data.output)
+        self.manifest, _, _ = read_dataset_manifest(cfg.data.output)
         self.stream = ShardStream(cfg.data.output, split="train", rank=self.rank, world_size=self.world,
                                   seed=cfg.seed, shuffle_buffer=tcfg.shuffle_buffer, prefetch=tcfg.prefetch_shards)
         seed_everything(cfg.seed)
@@ -103,7 +104,7 @@ class Worker:
         self.pad_id = int(self.manifest["tokenizer"]["pad_id"])
         cf = load_cf_tables(cfg.data.output, manifest=self.manifest)
         model = build_ckf_model(cfg.model, backbone, torch.from_numpy(cf["user"]), torch.from_numpy(cf["item"]),
-                                n_tasks=4)
+                                n_tasks=N_TASKS)
         self.total_steps = self._total_steps()
         params = [p for p in model.parameters() if p.requires_grad]
         # fused: one kernel per step over the (ZeRO-flattened) fp32 partition instead of ~10
@@ -200,10 +201,10 @@ class Worker:
             return None
         import torch.distributed as dist
 
-        counts = torch.tensor([float((batch[f"{s}_labels"][:, 1:] != -100).sum()) for s in ("text", "cf")],
+        counts = torch.tensor([float((batch[f"{s}_labels"][:, 1:] != IGNORE_INDEX).sum()) for s in STREAMS],
                               dtype=torch.float64)
         dist.all_reduce(counts)
-        return {s: max(float(c), 1.0) / self.world for s, c in zip(("text", "cf"), counts.tolist())}
+        return {s: max(float(c), 1.0) / self.world for s, c in zip(STREAMS, counts.tolist())}
 
     def train(self) -> dict:
         """Run until ``total_steps`` optimizer steps; checkpoint every ``save_every`` and at the end."""

@@ -13,20 +13,15 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from ckf_dist import TASKS
+from ckf_dist.contract import TASK_ID
 from ckf_dist.cf import train_cf
 from ckf_dist.data.prompts import PromptBuilder
 from ckf_dist.data.protocol import SPLITS, Protocol, Sample, build_protocol, counts
 from ckf_dist.data.shards import DatasetWriter, preflight, table_bytes
 from ckf_dist.data.sources import load_interactions
 from ckf_dist.resources import load_tokenizer, tokenizer_fingerprint
+from ckf_dist.progress import log as status
 
-TASK_ID = {t: k for k, t in enumerate(TASKS)}
-
-
-def _log(progress: bool, msg: str) -> None:
-    if progress:
-        print(msg, flush=True)
 
 
 def build_rows(proto: Protocol, builder: PromptBuilder, seed: int) -> dict[str, list[dict]]:
@@ -78,16 +73,16 @@ def run_prepare(cfg, overwrite: bool = False, progress: bool = True) -> dict:
     d = cfg.data
     start = time.perf_counter()
     preflight(d.output, overwrite)
-    _log(progress, f"prepare: source {d.source}{' (' + d.path + ')' if d.path else ''} -> {d.output}")
+    status(progress, f"prepare: source {d.source}{' (' + d.path + ')' if d.path else ''} -> {d.output}")
     log = load_interactions(d, cfg.seed)
-    _log(progress, f"  read {len(log):,} interactions, {len(log.titles):,} titles, skipped {log.bad.skipped} bad records "
+    status(progress, f"  read {len(log):,} interactions, {len(log.titles):,} titles, skipped {log.bad.skipped} bad records "
                    f"[{time.perf_counter() - start:.1f}s]")
     proto = build_protocol(log, d, cfg.seed)
     st = proto.stats
-    _log(progress, f"  {d.kcore}-core: {st['after_kcore']:,} interactions, {proto.n_users:,} users ({st['warm_users']:,} warm, "
+    status(progress, f"  {d.kcore}-core: {st['after_kcore']:,} interactions, {proto.n_users:,} users ({st['warm_users']:,} warm, "
                    f"{proto.n_users - st['warm_users']:,} cold), {proto.n_items:,} items [{time.perf_counter() - start:.1f}s]")
     cf = train_cf(proto, cfg.cf, cfg.seed)
-    _log(progress, "\n".join(_metrics_lines(cf.metrics)) + f"\n  [{time.perf_counter() - start:.1f}s]")
+    status(progress, "\n".join(_metrics_lines(cf.metrics)) + f"\n  [{time.perf_counter() - start:.1f}s]")
     tok = load_tokenizer(d.tokenizer)
     builder = PromptBuilder(tok, proto.titles, d.max_title_chars, d.max_review_tokens, d.max_length)
     rows = build_rows(proto, builder, cfg.seed)

@@ -18,13 +18,13 @@ def _banner(text: str) -> None:
 
 def run_demo(config_path: str, overrides: list[str] | None = None) -> int:
     """Run the four stages; returns a process exit code."""
-    from ckf_dist.checkpoint.consolidate import consolidate
+    from ckf_dist.stages.consolidate import consolidate
     from ckf_dist.config import load_config
     from ckf_dist.data.errors import DataError
-    from ckf_dist.data.prepare import run_prepare
-    from ckf_dist.data.shards import read_manifest
-    from ckf_dist.eval.evaluate import run_evaluate
-    from ckf_dist.train.driver import run_train
+    from ckf_dist.stages.prepare import run_prepare
+    from ckf_dist.data.shards import read_dataset_manifest
+    from ckf_dist.stages.evaluate import run_evaluate
+    from ckf_dist.stages.train import run_train
 
     cfg = load_config(config_path, overrides or [])
     times: dict[str, float] = {}
@@ -32,7 +32,7 @@ def run_demo(config_path: str, overrides: list[str] | None = None) -> int:
 
     _banner(f"1/4 prepare: {cfg.data.source} -> {cfg.data.output}")
     try:
-        read_manifest(cfg.data.output)
+        read_dataset_manifest(cfg.data.output)
         print(f"[ckf] a complete dataset is already at {cfg.data.output}: reusing it "
               f"(`ckf prepare --overwrite` rebuilds it)")
     except DataError:

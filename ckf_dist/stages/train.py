@@ -28,7 +28,7 @@ def _init_ray(cfg: CKFConfig) -> bool:
         ray.init(address=tcfg.address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
         # One logical CPU per worker plus headroom: Ray tasks beside the workers must never
-        # wait on a CPU the workers hold (STACK.md: the 1/0 CPU deadlock).
+        # wait on a CPU the workers hold (Ray waits forever when every CPU is held: the 1/0 CPU deadlock).
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls
         # (without it, it warns every few seconds); loopback only.
         ray.init(num_cpus=max(4, tcfg.num_workers + 2), include_dashboard=True,

@@ -25,16 +25,10 @@ import torch
 
 from ckf_dist.checkpoint import store
 from ckf_dist.checkpoint.store import CheckpointError
+from ckf_dist.contract import BRIDGE_FILE, CHECKPOINT_EXPORT, CONSOLIDATED_META, N_TASKS, TRAINABLE_FILE
+from ckf_dist.progress import log
 
-EXPORT = "export/trainable.safetensors"
-META = "ckf_meta.json"
-TRAINABLE = "trainable.safetensors"
-BRIDGE = "bridge.safetensors"
-
-
-def _log(progress: bool, msg: str) -> None:
-    if progress:
-        print(msg, flush=True)
+EXPORT, META, TRAINABLE, BRIDGE = CHECKPOINT_EXPORT, CONSOLIDATED_META, TRAINABLE_FILE, BRIDGE_FILE
 
 
 def _zero_to_fp32(ds_dir: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -55,13 +49,13 @@ def read_trainable_state(ref: store.CheckpointRef, local: Path, progress: bool =
     files = ref.manifest.get("files", {})
     if EXPORT in files:
         store.fetch(ref, [EXPORT], local)
-        _log(progress, f"  read {EXPORT} ({files[EXPORT]['bytes'] / 1e6:.1f} MB, sha256 ok)")
+        log(progress, f"  read {EXPORT} ({files[EXPORT]['bytes'] / 1e6:.1f} MB, sha256 ok)")
         return load_file(str(local / EXPORT))
     shards = sorted(f for f in files if f.startswith("ds/"))
     if not shards:
         raise CheckpointError(f"{ref.url}: neither {EXPORT} nor ZeRO shards (ds/...) in its manifest")
     store.fetch(ref, shards, local)
-    _log(progress, f"  no {EXPORT}: read {len(shards)} ZeRO files through deepspeed zero_to_fp32 (sha256 ok)")
+    log(progress, f"  no {EXPORT}: read {len(shards)} ZeRO files through deepspeed zero_to_fp32 (sha256 ok)")
     return _zero_to_fp32(local / "ds", store.step_dir_name(ref.step))
 
 
@@ -77,7 +71,7 @@ def run_config(ref: store.CheckpointRef, local: Path):
     raise CheckpointError(f"{ref.url}: no config.yaml and no config in the manifest")
 
 
-def n_tasks_of(state: dict[str, torch.Tensor], default: int = 4) -> int:
+def n_tasks_of(state: dict[str, torch.Tensor], default: int = N_TASKS) -> int:
     """Number of task adapters in a trainable state (leading dim of any ``lora_task_A``)."""
     for name, t in state.items():
         if name.endswith("lora_task_A"):
@@ -135,7 +129,7 @@ def consolidate(ckpt_url: str, out_dir: str | Path, progress: bool = True) -> Pa
 
     started = time.perf_counter()
     ref = store.resolve_checkpoint(ckpt_url)
-    _log(progress, f"consolidate: {ref.url} (step {ref.step}/{ref.manifest.get('total_steps', '?')}, "
+    log(progress, f"consolidate: {ref.url} (step {ref.step}/{ref.manifest.get('total_steps', '?')}, "
                    f"{len(ref.manifest.get('files', {}))} files)")
     store.verify(ref)                                   # every listed file present with its size
     out = Path(out_dir)
@@ -145,7 +139,7 @@ def consolidate(ckpt_url: str, out_dir: str | Path, progress: bool = True) -> Pa
         state = read_trainable_state(ref, local, progress)
         dataset = ref.manifest.get("dataset", {})
         model, _ = rebuild_model(cfg.model, state, tokenizer_info=dataset.get("tokenizer"), where=ref.url)
-        _log(progress, f"  rebuilt {cfg.model.backbone} + {len(state)} trainable tensors [{time.perf_counter() - started:.1f}s]")
+        log(progress, f"  rebuilt {cfg.model.backbone} + {len(state)} trainable tensors [{time.perf_counter() - started:.1f}s]")
         has_log = "metrics.jsonl" in ref.manifest.get("files", {})
         if has_log:
             store.fetch(ref, ["metrics.jsonl"], local)
@@ -174,7 +168,7 @@ def consolidate(ckpt_url: str, out_dir: str | Path, progress: bool = True) -> Pa
         (out / META).write_text(json.dumps(meta, indent=1) + "\n")
     finally:
         shutil.rmtree(local, ignore_errors=True)
-    _log(progress, f"  wrote {BRIDGE}, adapters/{{{','.join(folders)}}}, {META} to {out} "
+    log(progress, f"  wrote {BRIDGE}, adapters/{{{','.join(folders)}}}, {META} to {out} "
                    f"[{time.perf_counter() - started:.1f}s]")
     return out
 

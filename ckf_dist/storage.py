@@ -1,0 +1,201 @@
+"""One way to reach storage: URL -> fsspec filesystem, atomic writes, storage failures named.
+
+Every URL the project reads or writes (datasets, checkpoints, raw logs) goes through
+:func:`open_url`: a local path stays a plain absolute path; ``file://``, ``s3://``, ``gs://``
+and ``memory://`` go to their fsspec filesystem. Storage options come from the caller and
+from ``$CKF_STORAGE_OPTIONS`` (a JSON object, e.g. ``{"anon": false}``), the same for the
+pre-flight checks of the driver and for the workers. Credentials are left to each
+filesystem's own environment variables (``AWS_*``, ``GOOGLE_*``) and never logged.
+
+Atomic writes: :func:`write_bytes_atomic` on any filesystem (temp object, then move), and
+:func:`atomic_file` / :func:`atomic_dir` for local files and folders (written under a temp
+name beside the target, then renamed), so a reader never sees a partial artefact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import posixpath
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ckf_dist.errors import StorageError
+
+STORAGE_OPTIONS_ENV = "CKF_STORAGE_OPTIONS"
+# fsspec backends that ship separately: protocol -> what to install
+_BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+
+
+def storage_options_from_env(extra: dict | None = None) -> dict:
+    """Storage options from ``$CKF_STORAGE_OPTIONS`` (JSON) updated with ``extra``."""
+    opts: dict[str, Any] = {}
+    raw = os.environ.get(STORAGE_OPTIONS_ENV, "").strip()
+    if raw:
+        try:
+            opts = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise StorageError(f"${STORAGE_OPTIONS_ENV}: not a JSON object ({exc})") from None
+        if not isinstance(opts, dict):
+            raise StorageError(f"${STORAGE_OPTIONS_ENV}: expected a JSON object, got {type(opts).__name__}")
+    opts.update(extra or {})
+    return opts
+
+
+def is_local(url: str) -> bool:
+    """A plain local path (no ``scheme://``)."""
+    return "://" not in url
+
+
+def open_url(url: str, storage_options: dict | None = None):
+    """``(filesystem, path inside it)`` for ``url``; a :class:`StorageError` naming the URL when it cannot be used."""
+    from fsspec.core import url_to_fs
+
+    if not url:
+        raise StorageError("empty storage URL")
+    target = os.path.abspath(os.path.expanduser(url)) if is_local(url) else url
+    try:
+        fs, path = url_to_fs(target, **storage_options_from_env(storage_options))
+    except (ImportError, ValueError) as exc:
+        protocol = url.split("://", 1)[0] if not is_local(url) else "file"
+        hint = (f"install {_BACKENDS[protocol]} (pip install {_BACKENDS[protocol]})" if protocol in _BACKENDS
+                else "is the filesystem's package (s3fs, gcsfs) installed?")
+        raise StorageError(f"{url}: cannot open this URL ({exc}); {hint}") from None
+    return fs, path.rstrip("/") or path
+
+
+def pyarrow_filesystem(url: str):
+    """``(pyarrow filesystem or None, path)`` for Ray's ``RunConfig``: local paths stay native."""
+    import pyarrow.fs as pafs
+
+    fs, path = open_url(url)
+    if is_local(url) or url.startswith("file://"):
+        return None, path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def url_of(fs, path: str) -> str:
+    """The URL of ``path`` on ``fs`` (a plain path for the local filesystem)."""
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def join(root: str, *parts: str) -> str:
+    """Join path parts with '/', whatever the filesystem."""
+    return posixpath.join(root, *parts)
+
+
+def unreachable(url: str, exc: BaseException) -> StorageError:
+    """Wrap a storage failure (no such bucket, refused connection, denied) in an error naming the URL."""
+    kind = type(exc).__name__
+    return StorageError(f"{url}: storage unreachable or denied ({kind}: {exc}); check the URL, the bucket, "
+                        f"the endpoint (AWS_ENDPOINT_URL) and credentials")
+
+
+def exists(fs, path: str, url: str) -> bool:
+    """``fs.exists`` with storage failures turned into :class:`StorageError`."""
+    try:
+        return fs.exists(path)
+    except FileNotFoundError:
+        return False
+    except Exception as exc:  # noqa: BLE001 - botocore/aiohttp raise many types; we name the URL
+        raise unreachable(url, exc) from None
+
+
+def read_bytes(fs, path: str, url: str) -> bytes:
+    """Whole file as bytes; a missing file and storage failures are :class:`StorageError`."""
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise StorageError(f"{url}: file not found") from None
+    except Exception as exc:  # noqa: BLE001
+        raise unreachable(url, exc) from None
+
+
+def write_bytes_atomic(fs, path: str, data: bytes) -> None:
+    """Write ``data`` so that ``path`` never holds a partial file (temp file, then move)."""
+    tmp = path + ".tmp"
+    fs.pipe_file(tmp, data)
+    fs.mv(tmp, path)
+
+
+def invalidate(fs) -> None:
+    """Drop cached listings (s3fs/gcsfs cache them; another process may have written)."""
+    try:
+        fs.invalidate_cache()
+    except Exception:  # noqa: BLE001 - not every filesystem caches
+        pass
+
+
+# --------------------------------------------------------------------------- local atomic writes
+def _temp_beside(target: Path) -> Path:
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside ``target``; when the block ends without error it replaces ``target``."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_beside(target)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, replace: bool = True,
+               validate: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``target``; when the block ends without error it becomes ``target``.
+
+    ``validate(tmp)`` runs first and may raise to keep a bad result out. ``replace=True`` puts the
+    new folder in place of an existing one; ``replace=False`` keeps an existing ``target`` (another
+    process finished first) and drops the new one. The temp folder never outlives the block.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_beside(target)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if validate is not None:
+            validate(tmp)
+        if replace and target.exists():
+            old = _temp_beside(target)
+            os.replace(target, old)          # the old folder moves aside in one step, then goes
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if replace or not target.exists():
+                raise                        # keep=False and someone else's folder is in place: ours goes
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive lock between processes of one machine (``flock`` on ``path``), held for the block.
+
+    One-time conversions into a shared cache take it, so concurrent workers wait for the
+    first one instead of converting side by side. Where ``flock`` is missing it is a no-op.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:            # not POSIX: the atomic rename alone keeps the cache consistent
+        yield
+        return
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

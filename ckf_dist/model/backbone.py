@@ -11,8 +11,6 @@ registered family, or a ``tiny-<family>`` random model. Nothing is ever download
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ckf_dist import resources
+from ckf_dist import resources, storage
+from ckf_dist.errors import ModelError
 from ckf_dist.model.config import ModelConfig
 
 ROLES = ("q", "k", "v", "o")
@@ -109,11 +108,15 @@ TINY_NAMES = {"tiny-llama": "llama", "tiny-mistral": "mistral", "tiny-qwen2": "q
               "tiny-gpt2": "gpt2", "tiny-gptneox": "gpt_neox"}
 
 
+class BackboneNotFoundError(ModelError, FileNotFoundError):
+    """``model.backbone`` names no loadable folder (models are never downloaded)."""
+
+
 def family_of(model: nn.Module) -> Family:
     """The registry row of a loaded backbone; an unregistered family is a clear error."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in FAMILIES:
-        raise ValueError(f"backbone family {model_type!r} is not registered; supported: {sorted(FAMILIES)} "
+        raise ModelError(f"backbone family {model_type!r} is not registered; supported: {sorted(FAMILIES)} "
                          "(add a row to ckf_dist.model.backbone.FAMILIES: its q/k/v/o module names)")
     return FAMILIES[model_type]
 
@@ -123,7 +126,7 @@ def tiny_backbone(family: str, seed: int = 0) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     if family not in FAMILIES:
-        raise ValueError(f"tiny backbone: unknown family {family!r}; known: {sorted(FAMILIES)}")
+        raise ModelError(f"tiny backbone: unknown family {family!r}; known: {sorted(FAMILIES)}")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(FAMILIES[family].tiny_config())
     return model.float()
@@ -144,24 +147,37 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     missing = [k for k in missing if k not in ("lm_head.weight",)]   # tied to the embeddings
     if missing or unexpected:
         raise RuntimeError(f"{gguf}: GGUF conversion mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)          # atomic: readers see either nothing or a complete folder
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)   # another process won the race; its folder is complete
-        if not (target / "config.json").is_file():
-            raise
+    # Written by hand, not with save_pretrained: under a torch.distributed group that writes only
+    # on rank 0, and every rank (any node) may be the one that converts into its own cache.
+    from safetensors.torch import save_file
+
+    weights = {k: v.detach().contiguous() for k, v in plain.state_dict().items()}
+    if getattr(plain.config, "tie_word_embeddings", False):
+        weights.pop("lm_head.weight", None)          # tied to the input embedding, re-tied at load
+    with storage.atomic_dir(target, replace=False, validate=_check_backbone_folder) as tmp:
+        plain.config.save_pretrained(tmp)
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _check_backbone_folder(folder: Path) -> None:
+    """A converted folder must name its model type and hold its weights before it goes into the cache."""
+    import json
+
+    conf = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    if not conf.get("model_type") or not (folder / "model.safetensors").is_file():
+        raise RuntimeError(f"{folder}: conversion produced no config.json with model_type or no model.safetensors")
 
 
 def smollm2_folder(cache: str = "") -> Path:
     """The cached safetensors folder of SmolLM2-135M-Instruct, converting the embedded GGUF on first use."""
     target = resources.cache_dir(cache) / "smollm2-135m-instruct"
-    if not (target / "config.json").is_file():
-        started = time.time()
-        _convert_gguf(resources.smollm2_gguf(), target)
-        print(f"[ckf] converted SmolLM2 GGUF to {target} in {time.time() - started:.0f}s (one time)")
+    if (target / "config.json").is_file():
+        return target
+    with storage.file_lock(target.with_name(target.name + ".lock")):   # one converter per machine
+        if not (target / "config.json").is_file():
+            started = time.time()
+            _convert_gguf(resources.smollm2_gguf(), target)
+            print(f"[ckf] converted SmolLM2 GGUF to {target} in {time.time() - started:.0f}s (one time)", flush=True)
     return target
 
 
@@ -194,7 +210,7 @@ def load_backbone(cfg: ModelConfig, zero3_config: dict | None = None):
     else:
         folder = Path(name)
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
+            raise BackboneNotFoundError(
                 f"model.backbone: {name!r} is not 'smollm2', not one of {sorted(TINY_NAMES)}, and not a local "
                 "folder with config.json (models are never downloaded; save one with save_pretrained first)")
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -224,7 +240,7 @@ def _load_partitioned(cfg: ModelConfig, dtype: torch.dtype, zero3_config: dict):
     else:
         folder = smollm2_folder(cfg.cache_dir) if name == "smollm2" else Path(name)
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"model.backbone: {name!r} is not a local folder with config.json")
+            raise BackboneNotFoundError(f"model.backbone: {name!r} is not a local folder with config.json")
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() \
             else resources.load_tokenizer("smollm2", cfg.cache_dir)

@@ -133,10 +133,6 @@ class Worker:
         if ref is None:
             return False
         state = load_worker_checkpoint(self.engine, ref, self.rank, self.world)
-        # Loading replaces the param groups with the saved ones: a checkpoint written before the
-        # optimizer was fused would otherwise resume on the unfused loop (same math, slower).
-        for group in self._adamw.param_groups:
-            group["fused"], group["foreach"] = True, None
         self.step = int(state["step"])
         self.stream.load_state_dict(state["cursor"])
         self.log.restore(ref)

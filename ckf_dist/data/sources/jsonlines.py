@@ -73,30 +73,43 @@ def _text(value) -> str:
     return " ".join(str(value).split()) if value else ""
 
 
+def _add_reviews(b, path: str, bad: BadRecords, literal: bool, fields: tuple[str, str, str, str],
+                 text_fields: tuple[str, ...], parse_time) -> None:
+    """Add every good record of one review file to ``b``; ``fields`` names (user, item, rating, time)."""
+    user, item, rating, when = fields
+    for lineno, text in iter_lines(path, bad):
+        rec = parse_record(text, path, lineno, bad, literal)
+        if rec is None or not _required(rec, fields, path, lineno, bad):
+            continue
+        r = b.rating(rec[rating], path, lineno, rating)
+        t = parse_time(rec[when], path, lineno)
+        if r is not None and t is not None:
+            b.add(rec[user], rec[item], r, t, *(_text(rec.get(f)) for f in text_fields))
+
+
+def _add_titles(b, path: str, bad: BadRecords, literal: bool, id_field: str, title_field: str) -> None:
+    """Item titles from one metadata file (records without an id are bad, without a title ignored)."""
+    b.files.append(path)
+    for lineno, text in iter_lines(path, bad):
+        rec = parse_record(text, path, lineno, bad, literal)
+        if rec is None or not _required(rec, (id_field,), path, lineno, bad):
+            continue
+        title = _text(rec.get(title_field))
+        if title:
+            b.titles[str(rec[id_field])] = title
+
+
 def read_amazon(path: str, meta_path: str, bad: BadRecords, year: int) -> Interactions:
     """Amazon review dump (``year`` 2014 or 2018) plus its metadata file for titles."""
     literal = year == 2014
     reviews = _find(path, ("reviews_*.json.gz", "*.json.gz", "*.json"), "reviews", exclude="meta_")
     b = TableBuilder(f"amazon{year}", bad, with_text=True)
     b.files.append(reviews)
-    for lineno, text in iter_lines(reviews, bad):
-        rec = parse_record(text, reviews, lineno, bad, literal)
-        if rec is None or not _required(rec, ("reviewerID", "asin", "overall", "unixReviewTime"), reviews, lineno, bad):
-            continue
-        r = b.rating(rec["overall"], reviews, lineno, "overall")
-        t = b.number(rec["unixReviewTime"], reviews, lineno, "unixReviewTime")
-        if r is not None and t is not None:
-            b.add(rec["reviewerID"], rec["asin"], r, t, _text(rec.get("reviewText")), _text(rec.get("summary")))
+    _add_reviews(b, reviews, bad, literal, ("reviewerID", "asin", "overall", "unixReviewTime"), ("reviewText", "summary"),
+                 lambda v, path, line: b.number(v, path, line, "unixReviewTime"))
     meta = meta_path or _find_meta(path)
     if meta:
-        b.files.append(meta)
-        for lineno, text in iter_lines(meta, bad):
-            rec = parse_record(text, meta, lineno, bad, literal)
-            if rec is None or not _required(rec, ("asin",), meta, lineno, bad):
-                continue
-            title = _text(rec.get("title"))
-            if title:
-                b.titles[str(rec["asin"])] = title
+        _add_titles(b, meta, bad, literal, "asin", "title")
     return b.build()
 
 
@@ -122,24 +135,12 @@ def read_yelp(path: str, meta_path: str, bad: BadRecords) -> Interactions:
     reviews = _find(path, ("*review.json", "*review.json.gz"), "Yelp review")
     b = TableBuilder("yelp", bad, with_text=True)
     b.files.append(reviews)
-    for lineno, text in iter_lines(reviews, bad):
-        rec = parse_record(text, reviews, lineno, bad, False)
-        if rec is None or not _required(rec, ("user_id", "business_id", "stars", "date"), reviews, lineno, bad):
-            continue
-        r = b.rating(rec["stars"], reviews, lineno, "stars")
-        t = _yelp_time(rec["date"], reviews, lineno, bad)
-        if r is not None and t is not None:
-            b.add(rec["user_id"], rec["business_id"], r, t, _text(rec.get("text")))
+    _add_reviews(b, reviews, bad, False, ("user_id", "business_id", "stars", "date"), ("text",),
+                 lambda v, path, line: _yelp_time(v, path, line, bad))
     if not meta_path:
         fs, p = url_to_fs(reviews)
         hits = sorted(fs.glob(f"{p.rsplit('/', 1)[0]}/*business.json*"))
         meta_path = _full(fs, hits[0]) if hits else ""
     if meta_path:
-        b.files.append(meta_path)
-        for lineno, text in iter_lines(meta_path, bad):
-            rec = parse_record(text, meta_path, lineno, bad, False)
-            if rec is None or not _required(rec, ("business_id",), meta_path, lineno, bad):
-                continue
-            if rec.get("name"):
-                b.titles[str(rec["business_id"])] = _text(rec["name"])
+        _add_titles(b, meta_path, bad, False, "business_id", "name")
     return b.build()

@@ -73,7 +73,7 @@ def fold_in(item: torch.Tensor, users: list[list[int]], dim: int, cfg: CFConfig,
 @contextmanager
 def single_thread():
     """Run torch on one thread: CF tensors are tiny, and on a busy CPU extra threads only spin
-    (measured here: 45 MF epochs on ml-100k took 3.7 s with 1 thread, 34 s with 2)."""
+    (docs/performance.md, "CF stage threads")."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

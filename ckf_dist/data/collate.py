@@ -5,7 +5,7 @@ answer (from ``*_prompt_len`` on) and -100 on the prompt and the padding. CF slo
 flattened over the batch: ``slot_row[s]`` is the row of slot ``s``, ``slot_pos[s]`` its
 position in ``cf_input_ids[slot_row[s]]``. Beyond the contract: ``items`` (target CF item),
 ``target`` (the row's float label), ``warm`` and ``sample_ids``, for evaluation and logging.
-(~0.25 ms for 16 rows here; a fully vectorized variant measured slower at this size.)
+(Per-row numpy is faster than a fully vectorized variant at batch sizes: docs/performance.md, "collate".)
 """
 
 from __future__ import annotations

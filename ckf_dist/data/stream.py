@@ -14,7 +14,7 @@ recomputes the order and yields exactly the rows after ``position``. Shards are 
 sha256-verified and decoded ``prefetch`` shards ahead (default 8; 0: inline) by up to 4
 background threads, and dropped after their last row of the epoch (memory ~ shuffle_buffer
 + prefetch decoded shards). A queue deeper than the thread count keeps every thread busy:
-on 2 cores, 8 ahead streams ~10% faster than 4 (bench/data_stream.py).
+docs/performance.md has the measured prefetch depths (bench/data_stream.py).
 
 Rows are :class:`Row` objects: zero-copy ``Mapping`` views keyed by the shard columns; list
 columns are numpy int32 arrays (int8 for ``slot_kind``), ``cand_ids`` a list of arrays,

@@ -125,6 +125,7 @@ def main() -> None:
     import deepspeed
 
     from ckf_dist.checkpoint import store
+    from ckf_dist.storage import open_url
     from ckf_dist.config import load_config
     from ckf_dist.data.errors import DataError
     from ckf_dist.stages.prepare import run_prepare
@@ -148,7 +149,7 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     torch.set_num_threads(os.cpu_count() or 1)
 
-    fs, root = store.open_store(cfg.train.storage)
+    fs, root = open_url(cfg.train.storage)
     raw_dest = f"{root}/raw-upload"
 
     phases: dict[str, float] = {}

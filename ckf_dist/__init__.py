@@ -2,4 +2,4 @@
 
 __version__ = "0.1.0"
 
-from ckf_dist.contract import TASKS  # noqa: E402,F401  (the task keys; see ckf_dist.contract)
+from ckf_dist.contract import TASKS  # noqa: F401  (the task keys; see ckf_dist.contract)

@@ -36,13 +36,6 @@ SLOT_KEYS = ("history", "slot_row", "slot_pos", "slot_kind", "slot_cf_id")
 """Batch keys the bridge reads to write the slot tokens (in the order ``Bridge.inject`` takes them)."""
 
 
-def stream_keys(stream: str) -> tuple[str, str, str]:
-    """The batch keys ``(input_ids, attention_mask, labels)`` of one prompt stream."""
-    if stream not in STREAMS:
-        raise ValueError(f"stream: expected one of {STREAMS}, got {stream!r}")
-    return f"{stream}_input_ids", f"{stream}_attention_mask", f"{stream}_labels"
-
-
 # --------------------------------------------------------------------------- artefact files
 DATASET_MANIFEST = "manifest.json"        # a prepared dataset is complete iff this exists (written last)
 DATASET_MARKER = "_PREPARING.json"        # left by an unfinished `ckf prepare`

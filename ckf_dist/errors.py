@@ -41,9 +41,5 @@ class TrainError(CKFError, RuntimeError):
     """A training problem the user can act on (bad DeepSpeed JSON, mismatched resume, failed run)."""
 
 
-class EvalError(CKFError, RuntimeError):
-    """An evaluation that cannot be run as asked (wrong dataset, missing run files)."""
-
-
 class LaunchError(CKFError, RuntimeError):
     """A cluster submission problem (bad address, unreachable Jobs API, unknown job)."""

@@ -162,6 +162,7 @@ def make_checkpoint(storage_url: str, dataset, *, run: str = "ckpt-run", step: i
     import torch
 
     from ckf_dist.checkpoint import store
+    from ckf_dist.storage import open_url
     from ckf_dist.config import config_to_dict, dump_config
     from ckf_dist.data import load_cf_tables
     from ckf_dist.model import build_ckf_model, load_backbone, save_trainable
@@ -192,7 +193,7 @@ def make_checkpoint(storage_url: str, dataset, *, run: str = "ckpt-run", step: i
         listing = store.hash_tree(stage)
         (stage / "files").mkdir()
         (stage / "files" / "rank_00000.json").write_text(json.dumps(listing))
-        fs, root = store.open_store(storage_url)
+        fs, root = open_url(storage_url)
         path = posixpath.join(root, run, name)
         for p in sorted(stage.rglob("*")):
             if p.is_file():

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from ckf_dist.checkpoint import store
+from ckf_dist.storage import open_url
 
 
 def _write_rank_files(root: Path, step: int, world: int, payload: bytes = b"weights") -> str:
@@ -26,7 +27,7 @@ def _write_rank_files(root: Path, step: int, world: int, payload: bytes = b"weig
 
 def test_commit_writes_manifest_then_marker(tmp_path):
     path = _write_rank_files(tmp_path, 2, world=2)
-    fs, _ = store.open_store(str(tmp_path))
+    fs, _ = open_url(str(tmp_path))
     assert store.latest_committed(str(tmp_path), "run") is None
     store.commit(fs, path, {"step": 2, "world_size": 2}, world_size=2)
     ref = store.latest_committed(str(tmp_path), "run")
@@ -36,7 +37,7 @@ def test_commit_writes_manifest_then_marker(tmp_path):
 
 
 def test_uncommitted_newer_checkpoint_is_ignored(tmp_path):
-    fs, _ = store.open_store(str(tmp_path))
+    fs, _ = open_url(str(tmp_path))
     store.commit(fs, _write_rank_files(tmp_path, 2, 1), {"step": 2}, 1)
     _write_rank_files(tmp_path, 4, 1)  # uploaded but never committed (crash before the marker)
     ref = store.latest_committed(str(tmp_path), "run")
@@ -47,7 +48,7 @@ def test_uncommitted_newer_checkpoint_is_ignored(tmp_path):
 
 
 def test_commit_refuses_when_a_rank_file_is_missing(tmp_path):
-    fs, _ = store.open_store(str(tmp_path))
+    fs, _ = open_url(str(tmp_path))
     path = _write_rank_files(tmp_path, 2, 2)
     (Path(path) / "r1" / "shard.bin").unlink()
     with pytest.raises(store.CheckpointError, match="r1/shard.bin"):
@@ -59,7 +60,7 @@ def test_commit_refuses_when_a_rank_file_is_missing(tmp_path):
 
 
 def test_fetch_detects_corruption(tmp_path):
-    fs, _ = store.open_store(str(tmp_path))
+    fs, _ = open_url(str(tmp_path))
     path = _write_rank_files(tmp_path, 2, 1)
     store.commit(fs, path, {"step": 2}, 1)
     ref = store.latest_committed(str(tmp_path), "run")
@@ -74,7 +75,7 @@ def test_fetch_detects_corruption(tmp_path):
 
 
 def test_retention_keeps_newest_committed_and_in_progress(tmp_path):
-    fs, _ = store.open_store(str(tmp_path))
+    fs, _ = open_url(str(tmp_path))
     for step in (2, 4, 6):
         store.commit(fs, _write_rank_files(tmp_path, step, 1), {"step": step}, 1)
     _write_rank_files(tmp_path, 3, 1)   # stale uncommitted, older than newest commit
@@ -96,7 +97,7 @@ def test_resolve_errors_name_the_url(tmp_path):
 def test_commit_on_s3_checks_every_listed_file(s3_url, tmp_path):
     """The object-store commit path (one concurrent fetch of the rank lists, one listing for sizes):
     a truncated or missing file and a missing rank list each stop the commit before the marker."""
-    fs, root = store.open_store(s3_url)
+    fs, root = open_url(s3_url)
     local = Path(_write_rank_files(tmp_path, 2, world=2))
     remote = f"{root}/run/{local.name}"
     fs.put(str(local) + "/", remote, recursive=True)

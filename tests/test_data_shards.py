@@ -17,6 +17,7 @@ from ckf_dist.stages.prepare import run_prepare
 from ckf_dist.data.shards import read_dataset_manifest
 from ckf_dist.data.stream import ShardStream, check_tokenizer
 from ckf_dist.resources import load_tokenizer
+from ckf_dist.contract import DATASET_MARKER
 
 
 def _ids(url: str, split: str = "train", **kw) -> list[int]:
@@ -81,7 +82,7 @@ def test_interrupted_prepare_never_looks_complete(tmp_path, monkeypatch):
         ShardStream(str(out), "train")
     monkeypatch.setattr(shards_mod.DatasetWriter, "write_split", real)
     m = run_prepare(cfg, progress=False)                      # a partial run is cleaned up without --overwrite
-    assert (out / "manifest.json").exists() and not (out / shards_mod.MARKER).exists()
+    assert (out / "manifest.json").exists() and not (out / DATASET_MARKER).exists()
     assert len(_ids(str(out))) == sum(m["counts"]["train"].values())
 
 

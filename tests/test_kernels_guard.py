@@ -20,7 +20,6 @@ rt=64, 7 tasks, zipf routing (many blocks mixing tasks), sizes not multiples of 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 import pytest

@@ -28,6 +28,7 @@ pytest.importorskip("deepspeed")
 
 from ckf_dist.checkpoint import store  # noqa: E402
 from ckf_dist.config import config_from_dict, dump_config  # noqa: E402
+from ckf_dist.storage import open_url
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.ray]
 
@@ -65,7 +66,7 @@ def run(cfg, tmp: Path, **env) -> tuple[dict, Path]:
 def export_of(ref) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
-    fs, path = store.open_store(ref.url)
+    fs, path = open_url(ref.url)
     with fs.open(f"{path}/export/trainable.safetensors", "rb") as fh:
         return load(fh.read())
 
@@ -116,7 +117,7 @@ def test_two_workers_zero2_train_and_commit_to_s3(runs):
     steps = {r["step"] for r in sample_records(log)}
     assert steps == {0, 1, 2, 3}
     metrics = [json.loads(line) for line in
-               store.open_store(ref.url)[0].open(f"{store.open_store(ref.url)[1]}/metrics.jsonl").read().decode().splitlines()]
+               open_url(ref.url)[0].open(f"{open_url(ref.url)[1]}/metrics.jsonl").read().decode().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all({"loss", "loss_text", "loss_cf", "w", "lr", "samples_per_s", "tokens_per_s"} <= m.keys() for m in metrics)
 
@@ -155,7 +156,7 @@ def test_two_workers_match_one_worker_on_the_same_global_batches(runs):
 
 def test_rerun_resumes_from_latest_commit_and_ignores_uncommitted(runs):
     bucket, tmp = runs["bucket"], runs["tmp"]
-    fs, root = store.open_store(bucket)
+    fs, root = open_url(bucket)
     # an interrupted save: files, even a manifest, but no commit marker
     fs.pipe(f"{root}/base/step_00000005/manifest.json", b'{"step": 5}')
     fs.pipe(f"{root}/base/step_00000005/export/trainable.safetensors", b"garbage")

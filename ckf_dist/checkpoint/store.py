@@ -30,9 +30,8 @@ from pathlib import Path
 import fsspec
 
 from ckf_dist.contract import CHECKPOINT_MANIFEST, COMMIT_MARKER
-from ckf_dist.storage import open_url, pyarrow_filesystem, url_of  # noqa: F401  (pyarrow_filesystem re-exported)
+from ckf_dist.storage import open_url, url_of
 
-MANIFEST = CHECKPOINT_MANIFEST
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 CHECKPOINT_SCHEMA = 1
 
@@ -43,11 +42,6 @@ from ckf_dist.errors import CheckpointError  # noqa: E402  (re-exported)
 def step_dir_name(step: int) -> str:
     """Directory name of the checkpoint taken after ``step`` optimizer steps."""
     return f"step_{step:08d}"
-
-
-def open_store(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Filesystem and root path for a storage URL (``ckf_dist.storage.open_url``: storage options honoured)."""
-    return open_url(url)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -101,17 +95,17 @@ def read_checkpoint_manifest(fs, ckpt_path: str) -> dict:
     if not fs.exists(posixpath.join(ckpt_path, COMMIT_MARKER)):
         raise CheckpointError(f"{ckpt_path}: no {COMMIT_MARKER} marker; the checkpoint was never committed")
     try:
-        with fs.open(posixpath.join(ckpt_path, MANIFEST), "r") as f:
+        with fs.open(posixpath.join(ckpt_path, CHECKPOINT_MANIFEST), "r") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise CheckpointError(f"{ckpt_path}: committed but {MANIFEST} is missing") from None
+        raise CheckpointError(f"{ckpt_path}: committed but {CHECKPOINT_MANIFEST} is missing") from None
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{ckpt_path}/{MANIFEST}: not valid JSON ({exc})") from None
+        raise CheckpointError(f"{ckpt_path}/{CHECKPOINT_MANIFEST}: not valid JSON ({exc})") from None
 
 
 def latest_committed(storage_url: str, run_name: str) -> CheckpointRef | None:
     """The newest committed checkpoint of a run, or None. Uncommitted folders are skipped."""
-    fs, root = open_store(storage_url)
+    fs, root = open_url(storage_url)
     fs.invalidate_cache()
     run_path = posixpath.join(root, run_name)
     for step, path in reversed(_list_step_dirs(fs, run_path)):
@@ -122,7 +116,7 @@ def latest_committed(storage_url: str, run_name: str) -> CheckpointRef | None:
 
 def resolve_checkpoint(url: str) -> CheckpointRef:
     """A checkpoint URL, or a run folder (its latest committed checkpoint), as a CheckpointRef."""
-    fs, path = open_store(url)
+    fs, path = open_url(url)
     fs.invalidate_cache()
     if not fs.exists(path):
         raise CheckpointError(f"{url}: not found")
@@ -177,7 +171,7 @@ def commit(fs, ckpt_path: str, manifest: dict, world_size: int) -> None:
             raise CheckpointError(f"{posixpath.join(ckpt_path, rel)}: expected {meta['bytes']} bytes, found {size}; "
                                   "not committing")
     manifest = dict(manifest, files=files, schema=CHECKPOINT_SCHEMA)
-    with fs.open(posixpath.join(ckpt_path, MANIFEST), "w") as f:
+    with fs.open(posixpath.join(ckpt_path, CHECKPOINT_MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
     with fs.open(posixpath.join(ckpt_path, COMMIT_MARKER), "w") as f:
         f.write(f"{manifest.get('step', '')}\n")
@@ -218,7 +212,7 @@ def verify(ref: CheckpointRef) -> None:
 def apply_retention(storage_url: str, run_name: str, num_to_keep: int) -> list[str]:
     """Delete all but the newest ``num_to_keep`` committed checkpoints and any uncommitted folder
     older than the newest committed one. Returns the deleted paths."""
-    fs, root = open_store(storage_url)
+    fs, root = open_url(storage_url)
     fs.invalidate_cache()
     steps = _list_step_dirs(fs, posixpath.join(root, run_name))
     committed = [(s, p) for s, p in steps if fs.exists(posixpath.join(p, COMMIT_MARKER))]

@@ -24,11 +24,9 @@ import pyarrow.parquet as pq
 
 from ckf_dist.contract import DATASET_MANIFEST, DATASET_MARKER, SHARD_COLUMNS
 from ckf_dist.data.errors import DataError
-from ckf_dist.data.storage import exists, invalidate, join, open_fs, read_bytes, unreachable, write_bytes_atomic
+from ckf_dist.storage import exists, invalidate, join, open_url, read_bytes, unreachable, write_bytes_atomic
 
 SCHEMA_VERSION = 1
-MANIFEST = DATASET_MANIFEST
-MARKER = DATASET_MARKER
 
 _I32 = pa.list_(pa.int32())
 SCHEMA = pa.schema([
@@ -67,10 +65,10 @@ def check_bucket(fs, root: str, url: str) -> None:
 
 def preflight(url: str, overwrite: bool = False, storage_options: dict | None = None) -> None:
     """Fail fast, changing nothing: the store must answer and hold no complete dataset (unless overwrite)."""
-    fs, root = open_fs(url, storage_options)
+    fs, root = open_url(url, storage_options)
     invalidate(fs)
     check_bucket(fs, root, url)
-    if exists(fs, join(root, MANIFEST), url) and not overwrite:
+    if exists(fs, join(root, DATASET_MANIFEST), url) and not overwrite:
         raise DataError(f"{url}: a complete prepared dataset is already there (manifest.json); "
                         f"pass --overwrite to replace it or choose another data.output")
 
@@ -80,7 +78,7 @@ class DatasetWriter:
 
     def __init__(self, url: str, overwrite: bool = False, storage_options: dict | None = None):
         self.url = url
-        self.fs, self.root = open_fs(url, storage_options)
+        self.fs, self.root = open_url(url, storage_options)
         self.shards: list[dict] = []
         self._dirs: set[str] = set()
         self._prepare_prefix(overwrite)
@@ -89,11 +87,11 @@ class DatasetWriter:
         fs, root, url = self.fs, self.root, self.url
         invalidate(fs)
         check_bucket(fs, root, url)
-        if exists(fs, join(root, MANIFEST), url):
+        if exists(fs, join(root, DATASET_MANIFEST), url):
             if not overwrite:
                 raise DataError(f"{url}: a complete prepared dataset is already there (manifest.json); "
                                 f"pass --overwrite to replace it or choose another data.output")
-            fs.rm(join(root, MANIFEST))          # stop looking complete before anything else is touched
+            fs.rm(join(root, DATASET_MANIFEST))          # stop looking complete before anything else is touched
         try:
             present = exists(fs, root, url) and bool(fs.ls(root, detail=False))
         except FileNotFoundError:
@@ -101,14 +99,14 @@ class DatasetWriter:
         except Exception as exc:  # noqa: BLE001
             raise unreachable(url, exc) from None
         if present:
-            if not overwrite and not exists(fs, join(root, MARKER), url):
+            if not overwrite and not exists(fs, join(root, DATASET_MARKER), url):
                 raise DataError(f"{url}: not empty and not a ckf dataset; refusing to write there "
                                 f"(choose an empty data.output, or pass --overwrite to delete its contents)")
             fs.rm(root, recursive=True)          # a previous partial run (marker present) or an explicit overwrite
             invalidate(fs)
         try:
             fs.makedirs(root, exist_ok=True)
-            fs.pipe_file(join(root, MARKER), json.dumps({"started": time.time(), "host": socket.gethostname()}).encode())
+            fs.pipe_file(join(root, DATASET_MARKER), json.dumps({"started": time.time(), "host": socket.gethostname()}).encode())
         except Exception as exc:  # noqa: BLE001
             raise unreachable(url, exc) from None
 
@@ -141,8 +139,8 @@ class DatasetWriter:
         """Write the manifest (atomically, last) and remove the in-progress marker."""
         manifest = dict(manifest, schema_version=SCHEMA_VERSION, shards=self.shards)
         try:
-            write_bytes_atomic(self.fs, join(self.root, MANIFEST), json.dumps(manifest, indent=1).encode())
-            self.fs.rm(join(self.root, MARKER))
+            write_bytes_atomic(self.fs, join(self.root, DATASET_MANIFEST), json.dumps(manifest, indent=1).encode())
+            self.fs.rm(join(self.root, DATASET_MARKER))
         except Exception as exc:  # noqa: BLE001
             raise unreachable(self.url, exc) from None
         return manifest
@@ -150,20 +148,20 @@ class DatasetWriter:
 
 def read_dataset_manifest(url: str, storage_options: dict | None = None) -> tuple[dict, object, str]:
     """(manifest, fs, root) of a complete dataset; a clear error for partial or foreign data."""
-    fs, root = open_fs(url, storage_options)
+    fs, root = open_url(url, storage_options)
     invalidate(fs)
-    path = join(root, MANIFEST)
+    path = join(root, DATASET_MANIFEST)
     if not exists(fs, path, url):
         check_bucket(fs, root, url)
-        partial = exists(fs, join(root, MARKER), url)
+        partial = exists(fs, join(root, DATASET_MARKER), url)
         raise DataError(f"{url}: no manifest.json: " + ("an unfinished `ckf prepare` left it partial; run it again"
                         if partial else "not a prepared dataset (run `ckf prepare` first)"))
     try:
-        manifest = json.loads(read_bytes(fs, path, f"{url}/{MANIFEST}"))
+        manifest = json.loads(read_bytes(fs, path, f"{url}/{DATASET_MANIFEST}"))
     except json.JSONDecodeError as exc:
-        raise DataError(f"{url}/{MANIFEST}: corrupt manifest ({exc})") from None
+        raise DataError(f"{url}/{DATASET_MANIFEST}: corrupt manifest ({exc})") from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise DataError(f"{url}/{MANIFEST}: schema_version {manifest.get('schema_version')!r}, this ckf-dist reads "
+        raise DataError(f"{url}/{DATASET_MANIFEST}: schema_version {manifest.get('schema_version')!r}, this ckf-dist reads "
                         f"{SCHEMA_VERSION}; re-run `ckf prepare`")
     return manifest, fs, root
 
@@ -191,10 +189,10 @@ def read_dataset_file(url: str, name: str, storage_options: dict | None = None, 
     if manifest is None:
         manifest, fs, root = read_dataset_manifest(url, storage_options)
     else:
-        fs, root = open_fs(url, storage_options)
+        fs, root = open_url(url, storage_options)
     entry = manifest["files"].get(name)
     if entry is None:
-        raise DataError(f"{url}/{MANIFEST}: no file {name!r} (files: {sorted(manifest['files'])})")
+        raise DataError(f"{url}/{DATASET_MANIFEST}: no file {name!r} (files: {sorted(manifest['files'])})")
     where = f"{url.rstrip('/')}/{entry['path']}"
     data = read_bytes(fs, join(root, entry["path"]), where)
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:

@@ -30,11 +30,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
+from ckf_dist.contract import LIST_COLUMNS
 from ckf_dist.data.errors import DataError
 from ckf_dist.data.shards import COLUMNS, load_shard, read_dataset_manifest
 
 CHUNK_ROWS = 256
-_LIST = ("history", "text_ids", "cf_ids", "slot_pos", "slot_kind", "slot_cf_id", "candidates")
+_LIST = LIST_COLUMNS
 _SCALAR = [c for c in COLUMNS if c not in _LIST and c != "cand_ids"]
 _SCALAR_SET = frozenset(_SCALAR)
 _LIST_SET = frozenset(_LIST)

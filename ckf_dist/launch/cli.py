@@ -16,7 +16,7 @@ import argparse
 import functools
 import sys
 
-from ckf_dist.launch.client import DEFAULT_ADDRESS, LaunchError
+from ckf_dist.launch.client import DEFAULT_ADDRESS
 
 _ADDRESS_HELP = (f"Ray Jobs API (dashboard) URL, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, "
                  f"an http:// $RAY_ADDRESS, else {DEFAULT_ADDRESS})")

@@ -28,7 +28,6 @@ from ckf_dist.checkpoint.store import CheckpointError
 from ckf_dist.contract import BRIDGE_FILE, CHECKPOINT_EXPORT, CONSOLIDATED_META, N_TASKS, TRAINABLE_FILE
 from ckf_dist.progress import log
 
-EXPORT, META, TRAINABLE, BRIDGE = CHECKPOINT_EXPORT, CONSOLIDATED_META, TRAINABLE_FILE, BRIDGE_FILE
 
 
 def _zero_to_fp32(ds_dir: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -47,15 +46,15 @@ def read_trainable_state(ref: store.CheckpointRef, local: Path, progress: bool =
     from safetensors.torch import load_file
 
     files = ref.manifest.get("files", {})
-    if EXPORT in files:
-        store.fetch(ref, [EXPORT], local)
-        log(progress, f"  read {EXPORT} ({files[EXPORT]['bytes'] / 1e6:.1f} MB, sha256 ok)")
-        return load_file(str(local / EXPORT))
+    if CHECKPOINT_EXPORT in files:
+        store.fetch(ref, [CHECKPOINT_EXPORT], local)
+        log(progress, f"  read {CHECKPOINT_EXPORT} ({files[CHECKPOINT_EXPORT]['bytes'] / 1e6:.1f} MB, sha256 ok)")
+        return load_file(str(local / CHECKPOINT_EXPORT))
     shards = sorted(f for f in files if f.startswith("ds/"))
     if not shards:
-        raise CheckpointError(f"{ref.url}: neither {EXPORT} nor ZeRO shards (ds/...) in its manifest")
+        raise CheckpointError(f"{ref.url}: neither {CHECKPOINT_EXPORT} nor ZeRO shards (ds/...) in its manifest")
     store.fetch(ref, shards, local)
-    log(progress, f"  no {EXPORT}: read {len(shards)} ZeRO files through deepspeed zero_to_fp32 (sha256 ok)")
+    log(progress, f"  no {CHECKPOINT_EXPORT}: read {len(shards)} ZeRO files through deepspeed zero_to_fp32 (sha256 ok)")
     return _zero_to_fp32(local / "ds", store.step_dir_name(ref.step))
 
 
@@ -149,8 +148,8 @@ def consolidate(ckpt_url: str, out_dir: str | Path, progress: bool = True) -> Pa
         trainable = {k: v.detach().float().contiguous() for k, v in model.trainable_state_dict().items()}
         bridge = {k[len("bridge."):]: v for k, v in trainable.items() if k.startswith("bridge.")}
         if bridge:
-            save_file(bridge, str(out / BRIDGE), metadata={"format": "ckf-bridge"})
-        save_file(trainable, str(out / TRAINABLE), metadata={"format": "ckf-trainable", "n_tasks": str(model.n_tasks)})
+            save_file(bridge, str(out / BRIDGE_FILE), metadata={"format": "ckf-bridge"})
+        save_file(trainable, str(out / TRAINABLE_FILE), metadata={"format": "ckf-trainable", "n_tasks": str(model.n_tasks)})
         (out / "config.yaml").write_text(dump_config(cfg))
         if has_log:
             shutil.copyfile(local / "metrics.jsonl", out / "metrics.jsonl")
@@ -161,14 +160,14 @@ def consolidate(ckpt_url: str, out_dir: str | Path, progress: bool = True) -> Pa
             "tokenizer": dataset.get("tokenizer", {}), "dataset": dataset.get("url", cfg.data.output),
             "answer_tokens": dataset.get("answer_tokens", {}), "tasks": list(folders),
             "n_tasks": model.n_tasks, "has_bridge": bool(bridge), "metrics": ref.manifest.get("metrics", {}),
-            "source": "export" if EXPORT in ref.manifest.get("files", {}) else "zero_shards",
+            "source": "export" if CHECKPOINT_EXPORT in ref.manifest.get("files", {}) else "zero_shards",
             "export_dtype": ref.manifest.get("export_dtype"), "world_size": ref.manifest.get("world_size"),
             "zero_stage": ref.manifest.get("zero_stage"), "versions": ref.manifest.get("versions", {}),
         }
-        (out / META).write_text(json.dumps(meta, indent=1) + "\n")
+        (out / CONSOLIDATED_META).write_text(json.dumps(meta, indent=1) + "\n")
     finally:
         shutil.rmtree(local, ignore_errors=True)
-    log(progress, f"  wrote {BRIDGE}, adapters/{{{','.join(folders)}}}, {META} to {out} "
+    log(progress, f"  wrote {BRIDGE_FILE}, adapters/{{{','.join(folders)}}}, {CONSOLIDATED_META} to {out} "
                    f"[{time.perf_counter() - started:.1f}s]")
     return out
 
@@ -180,11 +179,11 @@ def load_consolidated(folder: str | Path, model_cfg=None, cf_user=None, cf_item=
     from ckf_dist.config import load_config
 
     folder = Path(folder)
-    if not (folder / META).is_file():
-        raise CheckpointError(f"{folder}: no {META}; not a consolidated run (run `ckf consolidate` first)")
-    meta = json.loads((folder / META).read_text())
+    if not (folder / CONSOLIDATED_META).is_file():
+        raise CheckpointError(f"{folder}: no {CONSOLIDATED_META}; not a consolidated run (run `ckf consolidate` first)")
+    meta = json.loads((folder / CONSOLIDATED_META).read_text())
     if model_cfg is None:
         model_cfg = load_config(folder / "config.yaml").model
-    state = load_file(str(folder / TRAINABLE))
+    state = load_file(str(folder / TRAINABLE_FILE))
     model, tokenizer = rebuild_model(model_cfg, state, cf_user, cf_item, meta.get("tokenizer"), where=str(folder))
     return model, tokenizer, meta

@@ -6,7 +6,7 @@ and each task's test rows are scored with the deterministic heads (``ckf_dist.mo
 - ctr: P(Yes) -> AUC, UAUC;  rating: expected digit -> RMSE/MAE (and greedy digit);
 - sequential: candidate log-likelihoods -> HR@k, NDCG@k (k = 1, 5, 10). The prompts of a batch run
   once; every candidate continues from the cached keys/values, all users' candidates in one
-  batch (:func:`sequential_logliks`), so K candidates never cost K prompt forwards;
+  batch (:func:`ckf_dist.model.scoring.sequential_logliks`), so K candidates never cost K prompt forwards;
 - review: greedy generation -> BLEU-4, ROUGE-1/2/L (when the dataset has review text).
 
 Two variants of the same model: ``ckf`` (CF-slot prompts through the bridge) and ``text_only``
@@ -18,7 +18,6 @@ Outputs: a printed table, ``eval.json`` and ``eval.png`` in the output folder.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -80,11 +79,12 @@ def baselines(url: str, manifest: dict) -> dict:
 # --------------------------------------------------------------------------- the command
 def _load_run(cfg, run: str, progress: bool, cf_user, cf_item):
     """(model, tokenizer, meta, consolidated folder) for a consolidated folder or a checkpoint URL."""
-    from ckf_dist.stages.consolidate import META, consolidate, load_consolidated
+    from ckf_dist.contract import CONSOLIDATED_META
+    from ckf_dist.stages.consolidate import consolidate, load_consolidated
     from ckf_dist.config import load_config
 
     folder = Path(run)
-    if "://" in run or not (folder / META).is_file():
+    if "://" in run or not (folder / CONSOLIDATED_META).is_file():
         folder = Path(tempfile.mkdtemp(prefix="ckf-eval-run-"))
         consolidate(run, folder, progress=progress)
     model_cfg = load_config(folder / "config.yaml").model

@@ -13,6 +13,8 @@ import os
 from ckf_dist.checkpoint import store
 from ckf_dist.config import CKFConfig, config_to_dict
 from ckf_dist.train.deepspeed_config import TrainError
+from ckf_dist.contract import DATASET_MANIFEST
+from ckf_dist.storage import is_local, open_url, pyarrow_filesystem
 
 
 def _init_ray(cfg: CKFConfig) -> bool:
@@ -52,19 +54,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _local(url: str) -> bool:
-    return bool(url) and "://" not in url
-
-
 def absolute_paths(cfg: CKFConfig) -> CKFConfig:
     """Ray workers run in their own working directory: turn the config's local paths absolute."""
     import dataclasses
 
     def fix(url: str) -> str:
-        return os.path.abspath(os.path.expanduser(url)) if _local(url) else url
+        return os.path.abspath(os.path.expanduser(url)) if url and is_local(url) else url
 
     backbone = cfg.model.backbone
-    if _local(backbone) and os.path.exists(os.path.expanduser(backbone)):
+    if backbone and is_local(backbone) and os.path.exists(os.path.expanduser(backbone)):
         backbone = fix(backbone)
     return dataclasses.replace(
         cfg,
@@ -77,14 +75,14 @@ def absolute_paths(cfg: CKFConfig) -> CKFConfig:
 
 def _check_inputs(cfg: CKFConfig) -> None:
     """Fail before starting workers when the dataset or storage is unusable."""
-    fs, path = store.open_store(cfg.data.output)
+    fs, path = open_url(cfg.data.output)
     try:
-        ok = fs.exists(f"{path}/manifest.json")
+        ok = fs.exists(f"{path}/{DATASET_MANIFEST}")
     except Exception as exc:  # unreachable bucket, bad credentials
         raise TrainError(f"data.output {cfg.data.output}: cannot be read ({type(exc).__name__}: {exc})") from None
     if not ok:
         raise TrainError(f"data.output {cfg.data.output}: no manifest.json; run `ckf prepare` with this config first")
-    sfs, spath = store.open_store(cfg.train.storage)
+    sfs, spath = open_url(cfg.train.storage)
     try:
         sfs.makedirs(f"{spath}/{cfg.run_name}", exist_ok=True)
     except Exception as exc:
@@ -104,7 +102,7 @@ def run_train(cfg: CKFConfig, progress: bool = True) -> dict:
     tcfg = cfg.train
     started = _init_ray(cfg)
     try:
-        pa_fs, storage_path = store.pyarrow_filesystem(tcfg.storage)
+        pa_fs, storage_path = pyarrow_filesystem(tcfg.storage)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": config_to_dict(cfg), "env": {k: os.environ[k] for k in WORKER_ENV if k in os.environ}},

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from ckf_dist.checkpoint import store
 from ckf_dist.contract import CHECKPOINT_EXPORT
+from ckf_dist.storage import open_url
 
 Uploader = Callable[[Path, str, dict], None]  # (local folder, checkpoint dir name, metrics)
 
@@ -132,7 +133,7 @@ def save_worker_checkpoint(
     def put_file_list() -> None:
         _lower_thread_priority()    # the upload is the critical path: hashing takes the spare cycles
         listing = store.hash_tree(stage)
-        fs, path = store.open_store(ckpt_url)
+        fs, path = open_url(ckpt_url)
         fs.makedirs(posixpath.join(path, "files"), exist_ok=True)
         fs.pipe_file(posixpath.join(path, "files", f"rank_{rank:05d}.json"), json.dumps(listing).encode())
 

@@ -27,6 +27,7 @@ from ckf_dist.config import CKFConfig, config_to_dict, dump_config
 from ckf_dist.train.checkpointing import barrier, load_worker_checkpoint, save_worker_checkpoint
 from ckf_dist.train.deepspeed_config import TrainError, build_deepspeed_config
 from ckf_dist.train.metrics_log import MetricsLog
+from ckf_dist.storage import open_url
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -257,7 +258,7 @@ class Worker:
             uploader=self.uploader, metrics=self.log.last, ckpt_url=ckpt_url)
         barrier()  # every rank's files are in storage before the marker
         if self.rank == 0:
-            fs, path = store.open_store(ckpt_url)
+            fs, path = open_url(ckpt_url)
             manifest = {
                 "step": self.step, "total_steps": self.total_steps, "world_size": self.world,
                 "run_name": self.cfg.run_name, "config": config_to_dict(self.cfg),
@@ -339,7 +340,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def local_uploader(cfg: CKFConfig):
     """Uploader for a single process without Ray: copy the staging folder into storage."""
-    fs, root = store.open_store(cfg.train.storage)
+    fs, root = open_url(cfg.train.storage)
 
     def upload(folder: Path, name: str, metrics: dict) -> None:
         dest = f"{root}/{cfg.run_name}/{name}"

@@ -12,7 +12,7 @@ import fsspec
 
 from ckf_dist.data.errors import BadRecords, DataError, where
 from ckf_dist.data.sources.base import Interactions, TableBuilder, iter_lines
-from ckf_dist.data.storage import join
+from ckf_dist.storage import join
 
 
 def _fields(line: str, sep: str, n: int, path: str, lineno: int, bad: BadRecords) -> list[str] | None:

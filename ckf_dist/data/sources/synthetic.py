@@ -15,7 +15,7 @@ import json
 import fsspec
 import numpy as np
 
-from ckf_dist.data.storage import join
+from ckf_dist.storage import join
 
 STYLES = ["Cosmic", "Rustic", "Neon", "Velvet", "Arctic", "Golden", "Shadow", "Crystal", "Coral", "Ember"]
 NOUNS = ["Lamp", "Novel", "Kettle", "Jacket", "Board Game", "Speaker", "Backpack", "Puzzle", "Candle", "Mug"]

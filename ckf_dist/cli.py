@@ -64,7 +64,7 @@ def cmd_consolidate(args) -> int:
 def cmd_evaluate(args) -> int:
     from ckf_dist.stages.evaluate import run_evaluate
 
-    run_evaluate(_load(args), args.run, out_dir=args.out, progress=not args.quiet)
+    run_evaluate(_load(args), args.run, out_dir=args.out, progress=not args.quiet, compare=args.compare)
     return 0
 
 
@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="the run's YAML config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default="", help="output folder (default: eval.output)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="RUN",
+                   help="other runs (consolidated folders or checkpoint URLs) trained on the same dataset, e.g. "
+                        "one with model.bridge.use_cf_slots=false: each becomes a column on the same rows")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="prepare -> train -> consolidate -> evaluate on the embedded default")

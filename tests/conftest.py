@@ -145,7 +145,7 @@ def prepared_dataset(tmp_path_factory) -> PreparedDataset:
 
 def make_checkpoint(storage_url: str, dataset, *, run: str = "ckpt-run", step: int = 4, backbone: str = "tiny-llama",
                     config_backbone: str | None = None, export: bool = True, zero_shards: bool = False,
-                    seed: int = 0):
+                    seed: int = 0, use_cf_slots: bool = True, randomize_bridge: bool = False):
     """Commit a checkpoint in the trainer's layout (``checkpoint.store``) for a tiny CKF model.
 
     The model (``backbone``, on ``dataset``'s CF tables) gets random non-zero adapters; the
@@ -165,15 +165,19 @@ def make_checkpoint(storage_url: str, dataset, *, run: str = "ckpt-run", step: i
     from ckf_dist.storage import open_url
     from ckf_dist.config import config_to_dict, dump_config
     from ckf_dist.data import load_cf_tables
+    from ckf_dist.data.shards import dataset_fingerprint
     from ckf_dist.model import build_ckf_model, load_backbone, save_trainable
-    from ckf_dist.model.testing import randomize_adapters
+    from ckf_dist.model.testing import randomize_adapters, randomize_bridge as shake_bridge
 
     cfg = tiny_config(dataset.url)
     cfg.run_name, cfg.model.backbone, cfg.train.export_dtype = run, backbone, "float32"
+    cfg.model.bridge.use_cf_slots = use_cf_slots
     bb, _ = load_backbone(cfg.model)
     cf = load_cf_tables(dataset.url)
     model = build_ckf_model(cfg.model, bb, torch.from_numpy(cf["user"]), torch.from_numpy(cf["item"]), n_tasks=4)
     randomize_adapters(model, seed=seed, std=0.2)
+    if randomize_bridge:
+        shake_bridge(model, seed=seed + 1)
     model.eval()
     stage = Path(tempfile.mkdtemp(prefix="ckf-test-ckpt-"))
     name = store.step_dir_name(step)
@@ -203,7 +207,8 @@ def make_checkpoint(storage_url: str, dataset, *, run: str = "ckpt-run", step: i
         manifest = json.loads(json.dumps({
             "step": step, "total_steps": step, "world_size": 1, "run_name": run, "config": config_to_dict(cfg),
             "dataset": {"url": dataset.url, "tokenizer": dataset.manifest["tokenizer"],
-                        "answer_tokens": dataset.manifest["answer_tokens"]},
+                        "answer_tokens": dataset.manifest["answer_tokens"],
+                        "fingerprint": dataset_fingerprint(dataset.manifest)},
             "zero_stage": 2, "export_dtype": "float32", "versions": {}, "metrics": rows[-1]}))
         store.commit(fs, path, manifest, 1)
     finally:

@@ -83,8 +83,3 @@ def test_cf_is_seeded(proto):
     a, b = train_cf(proto, cfg, seed=9), train_cf(proto, cfg, seed=9)
     assert np.array_equal(a.user, b.user) and np.array_equal(a.item, b.item)
     assert not np.array_equal(a.item, train_cf(proto, cfg, seed=10).item)
-
-
-def test_rating_baselines_present(mf):
-    r = mf.metrics["rating"]["test"]
-    assert r["user_mean"]["rmse"] > 0 and r["global_mean"]["mae"] > 0

@@ -5,45 +5,111 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_checkpoint
 
-from ckf_dist.eval.report import format_table
-from ckf_dist.eval.scoring import task_metrics
+from ckf_dist.eval.scoring import TaskRows, evaluate_task, group_masks
 from ckf_dist.model.scoring import sequential_logliks
 from ckf_dist.stages.evaluate import load_test_rows, run_evaluate
 
 
-def test_task_metrics_hand_computed():
-    ctr = [dict(user=1, warm=True, label=1, score=0.9), dict(user=1, warm=True, label=0, score=0.2),
-           dict(user=1, warm=True, label=1, score=0.4), dict(user=2, warm=False, label=0, score=0.3),
-           dict(user=2, warm=False, label=1, score=0.1)]
-    m = task_metrics("ctr", ctr)
-    # positives {.9, .4, .1} vs negatives {.2, .3}: 4 of 6 pairs ordered; user 1: 2/2, user 2: 0/1
-    assert m["all"]["auc"] == pytest.approx(4 / 6) and m["all"]["uauc"] == pytest.approx(0.5)
-    assert m["all"]["n"] == 5 and m["all"]["uauc_users"] == 2
-    assert m["warm"]["auc"] == 1.0 and m["cold"]["auc"] == 0.0 and m["cold"]["n"] == 2
+def _rows(task, labels, users=None, items=None, cands=None):
+    n = len(labels)
+    return TaskRows(task, np.arange(n), np.asarray(users if users is not None else np.arange(n)),
+                    np.asarray(items if items is not None else np.zeros(n, dtype=int)), np.asarray(labels, dtype=float),
+                    None if cands is None else np.asarray(cands))
 
-    seq = [dict(user=1, warm=True, label=0, rank=0), dict(user=2, warm=True, label=3, rank=2),
-           dict(user=3, warm=False, label=1, rank=7)]
-    m = task_metrics("sequential", seq)["all"]
-    assert m["hr@1"] == pytest.approx(1 / 3) and m["hr@5"] == pytest.approx(2 / 3) and m["hr@10"] == 1.0
-    assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(4)) / 3)
-    assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(4) + 1 / math.log2(9)) / 3)
-    assert task_metrics("sequential", seq)["cold"]["hr@5"] == 0.0
 
-    rating = [dict(user=1, warm=True, label=4, expected=3.5, greedy=4), dict(user=2, warm=True, label=2, expected=3.0, greedy=3)]
-    m = task_metrics("rating", rating)
-    assert m["all"]["rmse"] == pytest.approx(math.sqrt((0.25 + 1.0) / 2)) and m["all"]["mae"] == pytest.approx(0.75)
-    assert m["all"]["rmse_greedy"] == pytest.approx(math.sqrt(0.5)) and m["all"]["mae_greedy"] == pytest.approx(0.5)
-    assert "cold" not in m
+def test_every_method_is_scored_on_the_same_rows_hand_computed():
+    # ctr: 5 rows; positives {.9, .4, .1} vs negatives {.2, .3} -> 4 of 6 pairs for "llm"
+    tr = _rows("ctr", [1, 0, 1, 0, 1], users=[1, 1, 1, 2, 2])
+    outs = {"llm": {"score": np.array([0.9, 0.2, 0.4, 0.3, 0.1])}, "pop": {"score": np.array([5, 1, 1, 1, 5.0])}}
+    masks = {"all": np.ones(5, bool), "a": np.array([1, 1, 1, 0, 0], bool), "b": np.array([0, 0, 0, 1, 1], bool)}
+    res, diffs = evaluate_task(tr, outs, masks, "llm", n_boot=200, seed=0, min_rows=2)
+    assert res["llm"]["all"]["auc"]["value"] == pytest.approx(4 / 6)
+    # pop: positives {5, 1, 5} vs negatives {1, 1}: 4 pairs won, 2 tied (half each) -> 5 / 6
+    assert res["pop"]["all"]["auc"]["value"] == pytest.approx((2 * 2 + 0.5 * 2) / 6)
+    assert res["llm"]["all"]["uauc"]["value"] == pytest.approx(0.5) and res["llm"]["all"]["uauc_users"] == 2
+    assert res["llm"]["a"]["auc"]["value"] == 1.0 and res["llm"]["b"]["auc"]["value"] == 0.0
+    assert res["llm"]["all"]["n"] == res["pop"]["all"]["n"] == 5 and res["pop"]["a"]["n"] == 3
+    d = diffs["all"]["llm - pop"]["auc"]
+    assert d["value"] == pytest.approx(4 / 6 - 5 / 6) and d["lo"] <= d["value"] <= d["hi"]
 
-    review = [dict(user=1, warm=True, label=0, ref="a fine film indeed", hyp="a fine film indeed")]
-    assert task_metrics("review", review)["all"]["rougeL"] == pytest.approx(100.0)
+    # sequential: the true item's column is the label; ties by expected rank
+    tr = _rows("sequential", [0, 2, 1], cands=[[4, 5, 6], [7, 8, 9], [1, 2, 3]])
+    outs = {"m": {"greater": np.array([0, 1, 0]), "ties": np.array([0, 0, 2])}}
+    res, _ = evaluate_task(tr, outs, {"all": np.ones(3, bool)}, None, n_boot=0, seed=0, min_rows=1)
+    assert res["m"]["all"]["hr@1"]["value"] == pytest.approx((1 + 0 + 1 / 3) / 3)
+    assert res["m"]["all"]["mrr"]["value"] == pytest.approx((1 + 1 / 2 + (1 + 1 / 2 + 1 / 3) / 3) / 3)
+    assert "hr@5" not in res["m"]["all"]          # HR@5 over 3 candidates is always 1: not reported
 
-    table = format_table({"ckf": {"ctr": task_metrics("ctr", ctr)}}, {"mf": {"ctr": {"all": {"auc": 0.5, "n": 9}}}})
-    assert "ctr" in table and "0.6667" in table and "0.5000" in table
+    # rating: expected and greedy predictions, RMSE/MAE on the same rows; a group below min_rows is too small
+    tr = _rows("rating", [4, 2])
+    outs = {"llm": {"pred": np.array([3.5, 3.0]), "greedy": np.array([4.0, 3.0])}, "mean": {"pred": np.array([3.0, 3.0])}}
+    res, _ = evaluate_task(tr, outs, {"all": np.ones(2, bool), "one": np.array([1, 0], bool)}, "llm", 100, 0, 2)
+    assert res["llm"]["all"]["rmse"]["value"] == pytest.approx(math.sqrt((0.25 + 1.0) / 2))
+    assert res["llm"]["all"]["mae_greedy"]["value"] == pytest.approx(0.5)
+    assert res["mean"]["all"]["mae"]["value"] == pytest.approx(1.0) and "rmse_greedy" not in res["mean"]["all"]
+    assert res["llm"]["one"] == {"n": 1, "too_small": True}
+
+
+def test_baselines_by_hand_on_a_toy_log():
+    from ckf_dist.eval.baselines import Baselines, SplitLog
+
+    # users 0, 1 warm, user 2 held out; split 0 = history, 2 = test
+    log = SplitLog(user=np.array([0, 0, 0, 1, 1, 1, 2, 2, 2]), item=np.array([0, 1, 2, 0, 1, 2, 0, 2, 1]),
+                   rating=np.array([5, 3, 4, 4, 2, 1, 1, 3, 5.0]), split=np.array([0, 0, 2, 0, 0, 2, 0, 0, 2]),
+                   warm=np.array([True, True, False]), n_users=3, n_items=3)
+    assert log.user_history_counts().tolist() == [2, 2, 2] and log.item_training_counts().tolist() == [2, 2, 0]
+    cf_user, cf_item = np.array([[1.0, 0], [0, 1], [1, 1]]), np.array([[2.0, 0], [0, 3], [1, 1]])
+    base = Baselines.fit(log, cf_user, cf_item, "mf", seed=0)
+    users, items = np.array([0, 1, 2]), np.array([2, 2, 1])
+    r = base.rating(users, items)
+    assert base.global_mean == pytest.approx((5 + 3 + 4 + 2) / 4)       # training ratings of warm users only
+    assert r["user_mean"].tolist() == pytest.approx([4.0, 3.0, 2.0])    # held-out user: its known history
+    assert r["item_mean"].tolist() == pytest.approx([3.5, 3.5, 2.5])    # item 2 never trained on: global mean
+    c = base.ctr(users, items)
+    assert c["mf"].tolist() == pytest.approx([1.0, 1.0, 3.0]) and c["popularity"].tolist() == [0, 0, 2]
+    s = base.sequential(np.array([0]), np.array([[1, 0, -1]]))
+    assert s["mf"].tolist() == [[0.0, 2.0, 2.0]] and s["popularity"].tolist() == [[2, 2, 2]]
+
+
+def test_rating_regressor_learns_a_low_rank_signal():
+    from ckf_dist.eval.baselines import RatingMF, SplitLog
+
+    rng = np.random.default_rng(0)
+    n_u, n_i = 120, 80
+    pu, qi = rng.normal(size=(n_u, 2)), rng.normal(size=(n_i, 2))
+    bu = rng.normal(0, 0.5, n_u)
+    users = np.repeat(np.arange(n_u), 30)
+    items = np.concatenate([rng.choice(n_i, 30, replace=False) for _ in range(n_u)])
+    rating = 3 + bu[users] + (pu[users] * qi[items]).sum(1) + rng.normal(0, 0.1, len(users))
+    split = np.tile(np.r_[np.zeros(28), 1, 2], n_u).astype(np.int8)
+    warm = np.ones(n_u, bool)
+    warm[:10] = False                                 # ten users folded in from their history
+    log = SplitLog(users, items, rating, split, warm, n_u, n_i)
+    mf = RatingMF(dim=4, reg=1.0).fit(log)
+    test = split == 2
+    err = mf.predict(users[test], items[test]) - rating[test]
+    user_mean = np.array([rating[(users == u) & (split == 0)].mean() for u in users[test]])
+    assert np.sqrt((err ** 2).mean()) < 0.5 * np.sqrt(((user_mean - rating[test]) ** 2).mean())
+    held = test & ~warm[users]
+    err_held = mf.predict(users[held], items[held]) - rating[held]
+    assert np.sqrt((err_held ** 2).mean()) < 0.6
+
+
+def test_cold_groups_by_training_counts():
+    tr = _rows("ctr", [1, 0, 1, 0], users=[0, 1, 2, 3], items=[0, 1, 2, 0])
+    warm = np.array([True, True, True, False])
+    user_hist = np.array([3, 50, 50, 40])
+    item_train = np.array([100, 2, 30])
+    m = group_masks(tr, warm, user_hist, item_train, cold_user_max=5, cold_item_max=10)
+    assert m["user-cold"].tolist() == [True, False, False, False]
+    assert m["item-cold"].tolist() == [False, True, False, False]
+    assert m["unseen"].tolist() == [False, False, False, True]
+    assert m["warm"].tolist() == [False, False, True, False] and m["all"].all()
 
 
 @pytest.fixture(scope="module")
@@ -80,40 +146,100 @@ def test_batched_candidates_match_per_user_and_full_forward(prepared_dataset, ti
 def test_run_evaluate_end_to_end(prepared_dataset, tmp_path):
     from conftest import tiny_config
 
-    from ckf_dist.stages.consolidate import consolidate, load_consolidated
     from ckf_dist.data import load_cf_tables
     from ckf_dist.data.collate import collate
-    from ckf_dist.eval.metrics import auc
+    from ckf_dist.metrics import auc
     from ckf_dist.model.scoring import ctr_scores
+    from ckf_dist.stages.consolidate import consolidate, load_consolidated
 
-    ref, _ = make_checkpoint(str(tmp_path / "ckpts"), prepared_dataset)
+    ref, _ = make_checkpoint(str(tmp_path / "ckpts"), prepared_dataset, randomize_bridge=True)
     folder = consolidate(ref.url, tmp_path / "run", progress=False)
     cfg = tiny_config(prepared_dataset.url)
-    cfg.eval.users_per_task, cfg.eval.batch_size, cfg.eval.max_new_tokens = 4, 3, 3
+    cfg.eval.users_per_task, cfg.eval.batch_size, cfg.eval.max_new_tokens = 0, 5, 3
+    cfg.eval.bootstrap, cfg.eval.min_group_rows = 200, 3
     report = run_evaluate(cfg, str(folder), out_dir=tmp_path / "eval", progress=False)
 
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert (tmp_path / "eval" / "eval.png").stat().st_size > 1000
-    assert set(saved["results"]) == {"ckf", "text_only"} and saved["step"] == 4
-    assert set(saved["results"]["ckf"]) == {"ctr", "sequential", "rating", "review"}
-    assert "mf" in saved["baselines"] and "popularity" in saved["baselines"]
-    rows = load_test_rows(prepared_dataset.url, 4, cfg.seed)
+    assert saved["step"] == 4 and saved["dataset_fingerprint"]["cf_sha256"]
+    assert set(saved["results"]) == {"ctr", "sequential", "rating", "review"}
+    assert set(saved["results"]["ctr"]) == {"ckf", "ckf-slots-removed", "mf", "popularity"}
+    assert set(saved["results"]["rating"]) >= {"ckf", "global_mean", "user_mean", "item_mean", "rating_mf"}
+    rows = load_test_rows(prepared_dataset.url, 0, cfg.seed)
     for task, task_rows in rows.items():
-        assert len({r["user"] for r in task_rows}) <= 4 and saved["rows"][task] == len(task_rows)
-        assert saved["results"]["ckf"][task]["all"]["n"] == len(task_rows)
-        n_warm = sum(bool(r["warm"]) for r in task_rows)
-        assert saved["results"]["ckf"][task].get("warm", {}).get("n", 0) == n_warm
+        assert saved["rows"][task] == len(task_rows)
+        ns = {m: saved["results"][task][m]["all"]["n"] for m in saved["results"][task]}
+        assert set(ns.values()) == {len(task_rows)}, ns            # every column on the same rows
+        cell = saved["results"][task]["ckf"]["all"]
+        main = {"ctr": "auc", "sequential": "ndcg@5", "rating": "rmse", "review": "rougeL"}[task]
+        assert cell[main]["lo"] <= cell[main]["value"] <= cell[main]["hi"]
+        assert "ckf - ckf-slots-removed" in saved["diffs"][task]["all"]
+    # leave-last-out: one ctr row per user, so UAUC is undefined and the table says why
+    assert saved["results"]["ctr"]["ckf"]["all"]["uauc_undefined"]
+    assert "uauc: not defined" in (tmp_path / "eval" / "eval.txt").read_text()
 
-    # the report's ctr AUC is the AUC of the ctr head's P(Yes) on those rows, per variant
+    # the ctr AUC is the AUC of the ctr head's P(Yes) on those rows, per variant, with the trained bridge
     cf = load_cf_tables(prepared_dataset.url)
     model, _, _ = load_consolidated(folder, None, torch.from_numpy(cf["user"]), torch.from_numpy(cf["item"]))
     batch = collate(rows["ctr"], prepared_dataset.manifest["tokenizer"]["pad_id"])
-    for variant, stream in (("ckf", "cf"), ("text_only", "text")):
+    for variant, stream in (("ckf", "cf"), ("ckf-slots-removed", "text")):
         scores = ctr_scores(model, batch, prepared_dataset.manifest["answer_tokens"]["ctr"], stream)
         want = auc(batch["target"].tolist(), scores.tolist())
-        got = report["results"][variant]["ctr"]["all"]["auc"]
+        got = report["results"]["ctr"][variant]["all"]["auc"]["value"]
         assert math.isnan(got) if math.isnan(want) else got == pytest.approx(want)
 
     # a checkpoint URL works too (consolidated on the fly), with the same numbers
     again = run_evaluate(cfg, ref.url, out_dir=tmp_path / "eval2", progress=False)
-    assert again["results"]["ckf"]["rating"] == report["results"]["ckf"]["rating"]
+    assert again["results"]["rating"]["ckf"] == report["results"]["rating"]["ckf"]
+
+
+def test_randomized_bridge_survives_consolidation(prepared_dataset, tmp_path):
+    """CF-stream logits of the consolidated model equal the trained model's, and differ from a fresh bridge."""
+    from ckf_dist.data import load_cf_tables
+    from ckf_dist.data.collate import collate
+    from ckf_dist.model import ModelConfig, build_ckf_model, load_backbone
+    from ckf_dist.model.scoring import ctr_scores
+    from ckf_dist.stages.consolidate import consolidate, load_consolidated
+
+    ref, trained = make_checkpoint(str(tmp_path / "ckpts"), prepared_dataset, randomize_bridge=True, seed=4)
+    folder = consolidate(ref.url, tmp_path / "run", progress=False)
+    cf = load_cf_tables(prepared_dataset.url)
+    u, i = torch.from_numpy(cf["user"]), torch.from_numpy(cf["item"])
+    loaded, _, _ = load_consolidated(folder, None, u, i)
+    rows = load_test_rows(prepared_dataset.url, 0, 0)["ctr"][:6]
+    batch = collate(rows, prepared_dataset.manifest["tokenizer"]["pad_id"])
+    answer = prepared_dataset.manifest["answer_tokens"]["ctr"]
+    before, after = ctr_scores(trained, batch, answer, "cf"), ctr_scores(loaded, batch, answer, "cf")
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    fresh = build_ckf_model(ModelConfig(backbone="tiny-llama"), load_backbone(ModelConfig(backbone="tiny-llama"))[0],
+                            u, i, n_tasks=4).eval()
+    fresh.load_state_dict({k: v for k, v in loaded.state_dict().items() if not k.startswith("bridge.")}, strict=False)
+    assert (ctr_scores(fresh, batch, answer, "cf") - before).abs().max() > 1e-3
+
+
+def test_evaluate_refuses_a_different_dataset_and_compares_a_text_only_run(prepared_dataset, tmp_path):
+    from conftest import tiny_config
+
+    from ckf_dist.errors import CKFError
+    from ckf_dist.stages.consolidate import consolidate
+    from ckf_dist.stages.prepare import run_prepare
+
+    ref, _ = make_checkpoint(str(tmp_path / "ckpts"), prepared_dataset)
+    text_ref, _ = make_checkpoint(str(tmp_path / "ckpts"), prepared_dataset, run="text-only", use_cf_slots=False)
+    folder = consolidate(ref.url, tmp_path / "run", progress=False)
+    text_folder = consolidate(text_ref.url, tmp_path / "text-run", progress=False)
+    cfg = tiny_config(prepared_dataset.url)
+    cfg.eval.users_per_task, cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.bootstrap = 6, 6, 2, 100
+    cfg.eval.min_group_rows = 1
+    report = run_evaluate(cfg, str(folder), out_dir=tmp_path / "eval", progress=False, compare=[str(text_folder)])
+    assert "text-only" in report["results"]["ctr"] and "ckf - text-only" in report["diffs"]["ctr"]["all"]
+    assert "no CF slots" in report["methods"]["text-only"]
+    assert report["results"]["ctr"]["text-only"]["all"]["n"] == report["results"]["ctr"]["ckf"]["all"]["n"]
+
+    # the same source re-prepared with another seed: other split and CF tables -> refused, naming both
+    other = tiny_config(tmp_path / "other")
+    other.seed = 8
+    run_prepare(other, progress=False)
+    cfg2 = tiny_config(str(tmp_path / "other"))
+    with pytest.raises(CKFError, match="not the dataset run 'ckpt-run'.*shards_sha256.*cf_sha256"):
+        run_evaluate(cfg2, str(folder), out_dir=tmp_path / "eval3", progress=False)

@@ -1,11 +1,14 @@
-"""Sampled ranking metrics for CF and popularity baselines, per warm/cold users.
+"""Retrieval metrics of the CF stage at prepare time (early stopping, ``cf/metrics.json``).
+
+These are *not* the evaluation table's baselines (``ckf evaluate`` scores every method on the
+same test rows, :mod:`ckf_dist.eval.baselines`); they measure the CF model on its own terms,
+per warm/cold users, with the definitions of :mod:`ckf_dist.metrics`.
 
 For each evaluated user the positive is the split's target item:
 - AUC: against ``n`` sampled negatives (never in the user's log);
 - HR@k / NDCG@k: over the user's candidate set (the same seeded candidates the sequential
   task uses: 1 true item + K-1 negatives).
-Ties are resolved in expectation over a random tie-break, so a constant scorer gets
-exactly chance level (AUC 0.5, HR@1 = 1/K) instead of a lucky or unlucky order.
+Ties: expected value over a random tie-break (:mod:`ckf_dist.metrics`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from ckf_dist.data.protocol import Protocol, sample_negatives
+from ckf_dist.metrics import expected_ranking, rank_counts
 
 
 def auc_items(proto: Protocol, split: str, n_neg: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -37,28 +41,17 @@ def candidate_items(proto: Protocol, split: str) -> tuple[np.ndarray, np.ndarray
     return items, items >= 0, pos
 
 
-def _greater_equal(scores: np.ndarray, valid: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    target = scores[np.arange(len(scores)), pos][:, None]
-    greater = ((scores > target) & valid).sum(1)
-    ties = ((scores == target) & valid).sum(1) - 1        # other items tied with the target
-    return greater, ties, valid.sum(1) - 1
-
-
 def per_user_auc(scores: np.ndarray, valid: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """Per-user AUC of the target against the other valid columns (ties count half)."""
-    g, e, n = _greater_equal(scores, valid, pos)
+    """Per-user retrieval AUC of the target against the other valid columns (ties count half)."""
+    g, e = rank_counts(scores, valid, pos)
+    n = valid.sum(1) - 1
     return (n - g - 0.5 * e) / np.maximum(n, 1)
 
 
 def per_user_hr_ndcg(scores: np.ndarray, valid: np.ndarray, pos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Expected HR@k and NDCG@k per user (target rank uniform over its tie group)."""
-    g, e, _ = _greater_equal(scores, valid, pos)
-    width = scores.shape[1] + 1
-    gain = np.where(np.arange(width) < k, 1.0 / np.log2(np.arange(width) + 2.0), 0.0)
-    cum = np.concatenate([[0.0], np.cumsum(gain)])
-    hr = np.clip(k - g, 0, e + 1) / (e + 1)
-    ndcg = (cum[g + e + 1] - cum[g]) / (e + 1)
-    return hr, ndcg
+    """Expected HR@k and NDCG@k per user (the tie rule of :mod:`ckf_dist.metrics`)."""
+    m = expected_ranking(*rank_counts(scores, valid, pos), [k])
+    return m[f"hr@{k}"], m[f"ndcg@{k}"]
 
 
 def evaluate_scores(score_fn, proto: Protocol, split: str, auc_set, ks: list[int]) -> dict:
@@ -86,18 +79,3 @@ def popularity_scores(proto: Protocol):
     """A scorer ranking items by their number of training interactions."""
     pop = np.bincount(proto.train_pairs[:, 1], minlength=proto.n_items).astype(np.float64)
     return lambda users, items: pop[items]
-
-
-def rating_baselines(proto: Protocol) -> dict:
-    """RMSE/MAE of the global-mean and user-mean rating predictors on valid/test targets."""
-    global_mean = float(proto.train_ratings.mean())
-    out = {}
-    for split, pos in (("valid", -2), ("test", -1)):
-        truth = np.array([r[pos] for r in proto.seq_ratings], dtype=np.float64)
-        user_mean = np.array([r[: pos if pos == -2 else -1].mean() for r in proto.seq_ratings])
-        res = {}
-        for name, pred in (("global_mean", np.full_like(truth, global_mean)), ("user_mean", user_mean)):
-            err = pred - truth
-            res[name] = {"rmse": round(float(np.sqrt((err ** 2).mean())), 4), "mae": round(float(np.abs(err).mean()), 4)}
-        out[split] = res
-    return out

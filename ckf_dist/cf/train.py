@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ckf_dist.cf.config import CFConfig
-from ckf_dist.cf.metrics import auc_items, evaluate_scores, per_user_auc, popularity_scores, rating_baselines
+from ckf_dist.cf.metrics import auc_items, evaluate_scores, per_user_auc, popularity_scores
 from ckf_dist.cf.models import MF, LightGCN, bpr_loss
 from ckf_dist.data.protocol import Protocol
 
@@ -156,5 +156,4 @@ def _train_cf(proto: Protocol, cfg: CFConfig, seed: int, progress: bool) -> CFRe
         auc_set = valid_auc_set if split == "valid" else auc_items(proto, split, cfg.eval_negatives, seed)
         metrics[split] = {"cf": evaluate_scores(_scorer(user, item), proto, split, auc_set, ks),
                           "popularity": evaluate_scores(popularity_scores(proto), proto, split, auc_set, ks)}
-    metrics["rating"] = rating_baselines(proto)
     return CFResult(user, item, metrics)

@@ -13,6 +13,7 @@ import importlib
 _EXPORTS = {
     "DataError": "errors", "run_prepare": "prepare", "ShardStream": "stream", "check_tokenizer": "stream",
     "collate": "collate", "read_dataset_manifest": "shards", "load_cf_tables": "shards", "load_items": "shards",
+    "load_interactions_table": "shards",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -166,6 +166,29 @@ def read_dataset_manifest(url: str, storage_options: dict | None = None) -> tupl
     return manifest, fs, root
 
 
+def dataset_fingerprint(manifest: dict) -> dict:
+    """What identifies a prepared dataset's content: the sha256 of its shard list and of its CF tables.
+
+    ``shards_sha256`` hashes every shard's (split, path, rows, sha256): the same split, prompts
+    and labels give the same value, a re-prepared dataset with any other content does not.
+    """
+    listing = sorted((s["split"], s["path"], s["rows"], s["sha256"]) for s in manifest.get("shards", []))
+    return {"shards_sha256": hashlib.sha256(json.dumps(listing).encode()).hexdigest(),
+            "cf_sha256": manifest.get("files", {}).get("cf_embeddings", {}).get("sha256")}
+
+
+def check_fingerprint(recorded: dict | None, manifest: dict, url: str, what: str) -> None:
+    """Refuse a dataset whose content differs from the one ``what`` (a run) was trained on."""
+    if not recorded:
+        return
+    now = dataset_fingerprint(manifest)
+    bad = [k for k in ("shards_sha256", "cf_sha256") if recorded.get(k) and recorded[k] != now[k]]
+    if bad:
+        detail = "; ".join(f"{k}: trained on {recorded[k][:16]}…, {url} has {now[k][:16] if now[k] else None}…" for k in bad)
+        raise DataError(f"{url}: not the dataset {what} was trained on ({detail}); evaluate against the dataset "
+                        "the run used (its data.output), or retrain on this one")
+
+
 def load_shard(fs, root: str, entry: dict, url: str, verify: bool = True) -> pa.Table:
     """One shard as an Arrow table, its size and sha256 checked against the manifest."""
     where = f"{url.rstrip('/')}/{entry['path']}"
@@ -185,7 +208,8 @@ def load_shard(fs, root: str, entry: dict, url: str, verify: bool = True) -> pa.
 
 
 def read_dataset_file(url: str, name: str, storage_options: dict | None = None, manifest: dict | None = None) -> bytes:
-    """A side file of a complete dataset (``items``, ``users``, ``cf_embeddings``, ``cf_metrics``), sha256-checked."""
+    """A side file of a complete dataset (``items``, ``users``, ``cf_embeddings``, ``cf_metrics``,
+    ``cf_interactions``), sha256-checked."""
     if manifest is None:
         manifest, fs, root = read_dataset_manifest(url, storage_options)
     else:
@@ -205,6 +229,14 @@ def load_cf_tables(url: str, storage_options: dict | None = None, manifest: dict
     from safetensors.numpy import load
 
     return load(read_dataset_file(url, "cf_embeddings", storage_options, manifest))
+
+
+def load_interactions_table(url: str, storage_options: dict | None = None, manifest: dict | None = None) -> pa.Table:
+    """The split log (``user``, ``item``, ``rating``, ``split``: 0 history, 1 valid, 2 test) of a dataset."""
+    if manifest is not None and "cf_interactions" not in manifest.get("files", {}):
+        raise DataError(f"{url}: this dataset has no cf/interactions.parquet (prepared by an older ckf-dist); "
+                        "re-run `ckf prepare --overwrite` to evaluate against it")
+    return pq.read_table(pa.BufferReader(read_dataset_file(url, "cf_interactions", storage_options, manifest)))
 
 
 def load_items(url: str, storage_options: dict | None = None, manifest: dict | None = None) -> pa.Table:

@@ -17,6 +17,10 @@ def read_metrics_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
 def draw_report(report: dict, metrics_log: Path, out: Path) -> Path | None:
     """Left: losses and curriculum weight w over steps; right: each task's main metric per variant/baseline."""
     try:
@@ -49,18 +53,26 @@ def draw_report(report: dict, metrics_log: Path, out: Path) -> Path | None:
         ax_curve.text(0.5, 0.5, "no metrics.jsonl", ha="center", va="center")
     ax_curve.set_title(f"training ({report.get('backbone')}, step {report.get('step')})")
 
-    columns = {**report.get("results", {}), **report.get("baselines", {})}
-    tasks = [t for t in MAIN_METRIC if any(t in report.get("results", {}).get(v, {}) for v in report.get("results", {}))]
-    width = 0.8 / max(1, len(columns))
-    for j, (name, res) in enumerate(columns.items()):
-        vals = [res.get(t, {}).get("all", {}).get(MAIN_METRIC[t]) for t in tasks]
-        vals = [v if isinstance(v, (int, float)) and v is not None and math.isfinite(v) else 0.0 for v in vals]
-        if any(vals):
-            ax_bar.bar([i + j * width for i in range(len(tasks))], vals, width, label=name)
+    results = report.get("results", {})
+    tasks = [t for t in MAIN_METRIC if t in results]
+    methods = list(dict.fromkeys(m for t in tasks for m in results[t]))
+    width = 0.8 / max(1, len(methods))
+    for j, name in enumerate(methods):
+        cells = [results[t].get(name, {}).get("all", {}).get(MAIN_METRIC[t]) or {} for t in tasks]
+        vals = [c.get("value") for c in cells]
+        ok = [isinstance(v, (int, float)) and math.isfinite(v) for v in vals]
+        if not any(ok):
+            continue
+        xs = [i + j * width for i in range(len(tasks))]
+        ys = [v if k else 0.0 for v, k in zip(vals, ok)]
+        err = [[max(0.0, y - c.get("lo")) if k and _finite(c.get("lo")) else 0.0 for y, c, k in zip(ys, cells, ok)],
+               [max(0.0, c.get("hi") - y) if k and _finite(c.get("hi")) else 0.0 for y, c, k in zip(ys, cells, ok)]]
+        ax_bar.bar(xs, ys, width, yerr=err, capsize=2, label=name)
     ax_bar.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))])
     ax_bar.set_xticklabels([f"{t}\n{MAIN_METRIC[t]}" for t in tasks])
-    ax_bar.set_title("test metrics (all users)")
-    ax_bar.legend(fontsize=8)
+    ax_bar.set_title("test metrics, all rows (95% bootstrap intervals)")
+    if ax_bar.get_legend_handles_labels()[0]:
+        ax_bar.legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

@@ -1,4 +1,10 @@
-"""The evaluation table: one row per (task, metric, group), one column per variant and baseline."""
+"""The evaluation table: per task and metric, a row per method, a column per user group.
+
+Every cell of one block is on the same rows (the column's n), written ``value [lo, hi]``
+with the 95% bootstrap interval; a group below ``eval.min_group_rows`` reads "too small".
+Below each task, the paired differences of the reference method minus every other on the
+task's main metric; ``*`` marks a difference whose interval excludes 0.
+"""
 
 from __future__ import annotations
 
@@ -10,32 +16,105 @@ from ckf_dist.contract import TASKS
 from ckf_dist.eval.scoring import GROUPS
 
 MAIN_METRIC = {"ctr": "auc", "sequential": "ndcg@5", "rating": "rmse", "review": "rougeL"}
+SHOWN = {"ctr": ("auc", "uauc"), "sequential": ("hr@1", "hr@5", "ndcg@5", "mrr"), "rating": ("rmse", "mae"),
+         "review": ("bleu4", "rougeL")}
+TASK_NOTE = {
+    "ctr": "AUC of each method's score over the like labels of the same (user, item) rows",
+    "sequential": "the same candidate lists; ties by expected rank",
+    "rating": "error of each method's predicted rating on the same rows",
+    "review": "greedy generation vs the reference text",
+}
+CELL = 20
 
 
-def _fmt(v) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+def _nan(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def format_table(results: dict, base: dict) -> str:
-    """One table: a row per (task, metric, group), a column per variant and baseline."""
-    cols = list(results) + list(base)
-    metric_names = {"ctr": ["auc", "uauc"], "sequential": ["hr@1", "hr@5", "ndcg@5", "ndcg@10"],   # all k in JSON
-                    "rating": ["rmse", "mae"], "review": ["bleu4", "rouge1", "rouge2", "rougeL"]}
-    head = f"{'task':<11}{'metric':<9}{'users':<6}{'n':>5}  " + "".join(f"{c:>12}" for c in cols)
-    lines = [head, "-" * len(head)]
-    tasks = [t for t in TASKS if any(t in results[v] for v in results)]
-    for task in tasks:
-        for metric in metric_names[task]:
-            for group in GROUPS:
-                vals = [results[c].get(task, {}).get(group, {}).get(metric) for c in results]
-                vals += [base[c].get(task, {}).get(group, {}).get(metric) for c in base]
-                if all(v is None or (isinstance(v, float) and math.isnan(v)) for v in vals):
-                    continue
-                n = next((results[c][task][group]["n"] for c in results if group in results[c].get(task, {})), None)
-                lines.append(f"{task:<11}{metric:<9}{group:<6}{n if n is not None else '-':>5}  "
-                             + "".join(f"{_fmt(v):>12}" for v in vals))
-    lines.append("baselines: the dataset's CF model and popularity, from `ckf prepare`, over all test users (AUC "
-                 "against sampled negatives, HR/NDCG over the same candidate lists; rating: global/user mean)")
+def _cell(c: dict | None, metric: str, signed: bool = False) -> str:
+    if c is None:
+        return "-"
+    if c.get("too_small"):
+        return "too small"
+    m = c.get(metric)
+    if m is None or _nan(m.get("value")):
+        return "-"
+    v = f"{m['value']:+.3f}" if signed else f"{m['value']:.3f}"
+    if _nan(m.get("lo")):
+        return v
+    return f"{v} [{m['lo']:.2f},{m['hi']:.2f}]"
+
+
+def format_table(report: dict) -> str:
+    """The printed table of an evaluation report (see the module docstring)."""
+    results, diffs = report["results"], report.get("diffs", {})
+    lines = []
+    for task in [t for t in TASKS if t in results]:
+        methods = results[task]
+        groups = [g for g in GROUPS if any(g in methods[m] for m in methods)]
+        n = {g: next((methods[m][g]["n"] for m in methods if g in methods[m]), 0) for g in groups}
+        lines.append(f"{task}: {TASK_NOTE[task]}")
+        head = f"  {'':<20}" + "".join(f"{g + ' n=' + str(n[g]):>{CELL}}" for g in groups)
+        for metric in SHOWN[task]:
+            cells = {m: [_cell(methods[m].get(g), metric) for g in groups] for m in methods}
+            if all(c == "-" for row in cells.values() for c in row) or (
+                    metric == "uauc" and all(c in ("-", "too small") for row in cells.values() for c in row)):
+                if task == "ctr" and metric == "uauc":
+                    reason = next((methods[m][g].get("uauc_undefined") for m in methods for g in groups
+                                   if methods[m].get(g, {}).get("uauc_undefined")), None)
+                    if reason:
+                        lines.append(f"  uauc: not defined: {reason}")
+                continue
+            lines.append(f"  {metric}" + head[2 + len(metric):])
+            for m in methods:
+                lines.append(f"  {m:<20}" + "".join(f"{c:>{CELL}}" for c in cells[m]))
+        main = MAIN_METRIC[task]
+        pairs = [(g, name) for g in groups for name in diffs.get(task, {}).get(g, {})]
+        names = list(dict.fromkeys(name for _, name in pairs))
+        if names:
+            lines.append(f"  {main}, paired difference{' (lower is better)' if main in ('rmse', 'mae') else ''}")
+            for name in names:
+                row = []
+                for g in groups:
+                    d = diffs[task].get(g, {}).get(name, {}).get(main)
+                    if d is None:
+                        row.append("too small" if methods[next(iter(methods))].get(g, {}).get("too_small") else "-")
+                    else:
+                        row.append(_cell({main: d}, main, signed=True) + ("*" if d.get("excludes_zero") else " "))
+                lines.append(f"  {name:<20}" + "".join(f"{c:>{CELL}}" for c in row))
+        lines.append("")
+    lines.append(_footer(report))
+    return "\n".join(lines)
+
+
+def _footer(report: dict) -> str:
+    opts = report.get("options", {})
+    sampled = report.get("users_per_task") or 0
+    scope = (f"a SAMPLE of {sampled} test users per task (a smoke run: intervals are wide)" if sampled
+             else "every test user of every task")
+    out = [f"rows: {scope}; 95% bootstrap intervals over users ({opts.get('bootstrap', 0)} replicates, "
+           f"seed {report.get('seed')}); * = the paired interval excludes 0.",
+           f"groups: warm = seen in training, neither cold; user-cold = <= {opts.get('cold_user_max')} known "
+           f"interactions; item-cold = target with <= {opts.get('cold_item_max')} training interactions; "
+           f"unseen = users held out of training; fewer than {opts.get('min_group_rows')} rows = too small.",
+           f"sequential candidates scored by the {opts.get('candidate_scoring', 'sum')} of token log-probs; "
+           f"negatives: {opts.get('negatives', 'uniform')}."]
+    labels = report.get("methods", {})
+    if labels:
+        out.append("methods: " + "; ".join(f"{m} = {d}" for m, d in labels.items()))
+    return "\n".join(out)
+
+
+def format_retrieval(retrieval: dict) -> str:
+    """The CF stage's own retrieval metrics (prepare time): its AUC against sampled negatives."""
+    if not retrieval:
+        return ""
+    lines = [f"retrieval (the CF stage's own metric, not comparable to the table above): AUC of the test item "
+             f"against {retrieval.get('negatives')} sampled unseen items, per user"]
+    for who, groups in retrieval.get("test", {}).items():
+        for group, m in groups.items():
+            if "auc" in m:
+                lines.append(f"  {who:<12}{group:<6} users {m.get('users', '-'):>5}  auc {m['auc']:.4f}")
     return "\n".join(lines)
 
 
@@ -45,7 +124,7 @@ def json_safe(o):
         return {str(k): json_safe(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
         return [json_safe(v) for v in o]
-    if isinstance(o, (np.floating, np.integer)):
+    if isinstance(o, (np.floating, np.integer, np.bool_)):
         o = o.item()
     if isinstance(o, float) and not math.isfinite(o):
         return None

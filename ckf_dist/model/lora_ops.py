@@ -23,7 +23,6 @@ import threading
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 def multi_lora_torch(x: torch.Tensor, a_shared: torch.Tensor | None, b_shared: torch.Tensor | None,

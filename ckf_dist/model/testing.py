@@ -66,6 +66,14 @@ def randomize_adapters(model, seed: int = 0, std: float = 0.05) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * std)
 
 
+def randomize_bridge(model, seed: int = 0, std: float = 0.2) -> None:
+    """Move every bridge parameter away from its initial value (a "trained" bridge for tests)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.bridge.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * std)
+
+
 def select_rows(batch: dict, rows: torch.Tensor) -> dict:
     """The sub-batch of ``rows`` (slots re-indexed), as a per-task reference loop needs it."""
     rows = rows.tolist()

@@ -23,6 +23,7 @@ import torch
 
 from ckf_dist.checkpoint import store
 from ckf_dist.contract import IGNORE_INDEX, N_TASKS, STREAMS
+from ckf_dist.data import shards
 from ckf_dist.config import CKFConfig, config_to_dict, dump_config
 from ckf_dist.train.checkpointing import barrier, load_worker_checkpoint, save_worker_checkpoint
 from ckf_dist.train.deepspeed_config import TrainError, build_deepspeed_config
@@ -263,7 +264,8 @@ class Worker:
                 "step": self.step, "total_steps": self.total_steps, "world_size": self.world,
                 "run_name": self.cfg.run_name, "config": config_to_dict(self.cfg),
                 "dataset": {"url": self.cfg.data.output, "tokenizer": self.manifest["tokenizer"],
-                            "answer_tokens": self.manifest.get("answer_tokens", {})},
+                            "answer_tokens": self.manifest.get("answer_tokens", {}),
+                            "fingerprint": shards.dataset_fingerprint(self.manifest)},
                 "zero_stage": self.engine.zero_optimization_stage(),
                 "backbone_partitioned_at_load": self.partitioned_at_load, "export_dtype": self.cfg.train.export_dtype,
                 "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,

@@ -181,3 +181,61 @@ def test_review_only_without_text_is_a_clear_error(log):
     with pytest.raises(DataError, match="need review text"):
         build_protocol(no_text, cfg, seed=1)
     assert {s.task for s in build_protocol(log, cfg, seed=1).samples} == {"review"}
+
+
+def test_temporal_split_global_cuts_several_targets_and_defined_uauc(log):
+    from ckf_dist.metrics import uauc
+
+    cfg = dataclasses.replace(CFG, split="temporal", temporal_fractions=[0.7, 0.15, 0.15])
+    p = build_protocol(log, cfg, seed=11)
+    cut_v, cut_t = p.stats["temporal_cut_valid"], p.stats["temporal_cut_test"]
+    # the log's kept timestamps in protocol order: recompute each label from the cuts
+    by_user = {}
+    for u, i, ts in zip(log.users, log.items, log.timestamps):
+        by_user.setdefault(str(u), {})[str(i)] = min(ts, by_user.get(str(u), {}).get(str(i), np.inf))
+    n_targets = np.zeros(p.n_users, int)
+    for x, (seq, lab) in enumerate(zip(p.seqs, p.seq_split)):
+        assert np.all(np.diff(lab) >= 0)                                   # history, then valid, then test
+        ts = np.array([by_user[p.user_raw[x]][p.item_raw[j]] for j in seq])
+        assert np.array_equal(lab, np.where(ts < cut_v, 0, np.where(ts < cut_t, 1, 2)))
+        n_targets[x] = int((lab == 2).sum())
+    assert n_targets.max() >= 3 and len(p.targets["test"]) == n_targets.sum()
+    for s in p.samples:
+        t = p.seqs[s.user].tolist().index(s.item)
+        assert p.seq_split[s.user][t] == {"train": 0, "valid": 1, "test": 2}[s.split]
+        assert s.history == p.seqs[s.user][max(0, t - len(s.history)):t].tolist()
+    # training pairs are exactly the warm users' history part
+    want = sum(int((p.seq_split[x] == 0).sum()) for x in np.flatnonzero(p.warm))
+    assert len(p.train_pairs) == want
+    # users have several ctr test rows: per-user AUC exists (a scorer that knows the label gets 1.0)
+    ctr = [s for s in p.samples if s.split == "test" and s.task == "ctr"]
+    value, n_users = uauc([s.user for s in ctr], [s.label for s in ctr], [s.label for s in ctr])
+    assert n_users >= 10 and value == 1.0
+    # leave-last-out (the default) gives one test row per user: no user has two
+    loo = [s for s in build_protocol(log, CFG, seed=11).samples if s.split == "test" and s.task == "ctr"]
+    assert uauc([s.user for s in loo], [s.label for s in loo], [s.label for s in loo])[1] == 0
+
+
+def test_popularity_matched_negatives():
+    rng = np.random.default_rng(0)
+    w = 1.0 / np.arange(1, 81) ** 1.1                     # Zipf-like item popularity
+    rows = []
+    for u in range(120):
+        for t, i in enumerate(rng.choice(80, size=12, replace=False, p=w / w.sum())):
+            rows.append((u, int(i), float(rng.integers(1, 6)), 1000 * u + t))
+    log = _table(rows)
+    cfg = dataclasses.replace(CFG, kcore=2, cold_max_interactions=1)
+    uniform, matched = build_protocol(log, cfg, seed=3), build_protocol(log, dataclasses.replace(cfg, negatives="popularity"), seed=3)
+    pop = np.bincount(uniform.train_pairs[:, 1], minlength=uniform.n_items)
+
+    def negative_popularity(pr):
+        return float(np.mean([pop[c] for cands, t in zip(pr.candidates["test"], pr.targets["test"]) for c in cands if c != t]))
+
+    target_pop = float(pop[uniform.targets["test"]].mean())
+    assert negative_popularity(matched) > 1.5 * negative_popularity(uniform)
+    assert abs(negative_popularity(matched) - target_pop) < abs(negative_popularity(uniform) - target_pop)
+    for cands, seq, t in zip(matched.candidates["test"], matched.seqs, matched.targets["test"]):
+        assert len(set(cands)) == len(cands) == cfg.n_candidates and t in cands
+        assert not (set(cands) - {int(t)}) & set(seq.tolist())
+    with pytest.raises(ValueError, match="negatives"):
+        dataclasses.replace(CFG, negatives="hard").validate()

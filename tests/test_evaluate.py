@@ -188,6 +188,25 @@ def test_run_evaluate_end_to_end(prepared_dataset, tmp_path):
         got = report["results"]["ctr"][variant]["all"]["auc"]["value"]
         assert math.isnan(got) if math.isnan(want) else got == pytest.approx(want)
 
+    # lm-prior: the plain backbone (no CKF, no adapters) ranking the same candidates after the text prompt
+    from ckf_dist.metrics import expected_ranking, rank_counts_lists
+    from ckf_dist.model import ModelConfig, load_backbone
+
+    plain = load_backbone(ModelConfig(backbone="tiny-llama"))[0].eval()
+    score_lists = []
+    with torch.no_grad():
+        for r in rows["sequential"]:
+            prompt = list(map(int, r["text_ids"][:int(r["text_prompt_len"])]))
+            row = []
+            for cand in r["cand_ids"]:
+                ids = torch.tensor([prompt + list(map(int, cand))])
+                logp = torch.log_softmax(plain(ids).logits[0].float(), -1)
+                row.append(float(sum(logp[len(prompt) - 1 + j, int(t)] for j, t in enumerate(cand))))
+            score_lists.append(row)
+    g, e = rank_counts_lists(score_lists, [int(r["label"]) for r in rows["sequential"]])
+    want_mrr = float(expected_ranking(g, e, (1,))["mrr"].mean())
+    assert saved["results"]["sequential"]["lm-prior"]["all"]["mrr"]["value"] == pytest.approx(want_mrr, abs=1e-6)
+
     # a checkpoint URL works too (consolidated on the fly), with the same numbers
     again = run_evaluate(cfg, ref.url, out_dir=tmp_path / "eval2", progress=False)
     assert again["results"]["rating"]["ckf"] == report["results"]["rating"]["ckf"]
@@ -230,11 +249,19 @@ def test_evaluate_refuses_a_different_dataset_and_compares_a_text_only_run(prepa
     text_folder = consolidate(text_ref.url, tmp_path / "text-run", progress=False)
     cfg = tiny_config(prepared_dataset.url)
     cfg.eval.users_per_task, cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.bootstrap = 6, 6, 2, 100
-    cfg.eval.min_group_rows = 1
+    cfg.eval.min_group_rows, cfg.eval.lm_prior = 1, False
     report = run_evaluate(cfg, str(folder), out_dir=tmp_path / "eval", progress=False, compare=[str(text_folder)])
     assert "text-only" in report["results"]["ctr"] and "ckf - text-only" in report["diffs"]["ctr"]["all"]
     assert "no CF slots" in report["methods"]["text-only"]
     assert report["results"]["ctr"]["text-only"]["all"]["n"] == report["results"]["ctr"]["ckf"]["all"]["n"]
+
+    # the same config prepared again elsewhere: the same content, the same fingerprint (accepted)
+    from ckf_dist.data.shards import dataset_fingerprint
+
+    same = tiny_config(tmp_path / "same")
+    assert dataset_fingerprint(run_prepare(same, progress=False)) == dataset_fingerprint(prepared_dataset.manifest)
+    same.eval = cfg.eval
+    run_evaluate(same, str(folder), out_dir=tmp_path / "eval-same", progress=False)
 
     # the same source re-prepared with another seed: other split and CF tables -> refused, naming both
     other = tiny_config(tmp_path / "other")
@@ -243,3 +270,26 @@ def test_evaluate_refuses_a_different_dataset_and_compares_a_text_only_run(prepa
     cfg2 = tiny_config(str(tmp_path / "other"))
     with pytest.raises(CKFError, match="not the dataset run 'ckpt-run'.*shards_sha256.*cf_sha256"):
         run_evaluate(cfg2, str(folder), out_dir=tmp_path / "eval3", progress=False)
+
+
+def test_uauc_is_defined_under_the_temporal_split(tmp_path):
+    from conftest import PreparedDataset, tiny_config
+
+    from ckf_dist.stages.consolidate import consolidate
+    from ckf_dist.stages.prepare import run_prepare
+
+    cfg = tiny_config(tmp_path / "temporal", split="temporal", temporal_fractions=[0.6, 0.1, 0.3],
+                      task_weights={"ctr": 4.0, "sequential": 1.0, "rating": 1.0, "review": 0.0})
+    manifest = run_prepare(cfg, progress=False)
+    data = PreparedDataset(cfg.data.output, manifest, cfg)
+    ref, _ = make_checkpoint(str(tmp_path / "ckpts"), data)
+    folder = consolidate(ref.url, tmp_path / "run", progress=False)
+    cfg.eval.batch_size, cfg.eval.bootstrap, cfg.eval.min_group_rows, cfg.eval.lm_prior = 8, 200, 5, False
+    report = run_evaluate(cfg, str(folder), out_dir=tmp_path / "eval", progress=False)
+    cell = report["results"]["ctr"]["ckf"]["all"]
+    assert cell["uauc_users"] >= 5 and "uauc_undefined" not in cell
+    assert 0.0 <= cell["uauc"]["value"] <= 1.0 and cell["uauc"]["lo"] <= cell["uauc"]["value"] <= cell["uauc"]["hi"]
+    assert report["options"]["split"] == "temporal"
+    # several ctr rows per user: the bootstrap resamples users, so n (rows) exceeds the users drawn
+    users = {int(r["user"]) for r in load_test_rows(cfg.data.output, 0, 0)["ctr"]}
+    assert cell["n"] > len(users)

@@ -20,20 +20,21 @@ from ckf_dist.metrics import expected_ranking, rank_counts
 
 
 def auc_items(proto: Protocol, split: str, n_neg: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Items [n_users, 1 + n] (column 0 = target, -1 = padding) and their validity mask."""
-    items = np.full((proto.n_users, 1 + n_neg), -1, dtype=np.int64)
-    items[:, 0] = proto.targets[split]
-    for x, seq in enumerate(proto.seqs):
+    """Items [n_targets, 1 + n] (column 0 = target, -1 = padding) and their validity mask."""
+    targets, owners = proto.targets[split], proto.target_users[split]
+    items = np.full((len(targets), 1 + n_neg), -1, dtype=np.int64)
+    items[:, 0] = targets
+    for x, user in enumerate(owners.tolist()):
         rng = np.random.default_rng([seed, 11 if split == "valid" else 12, x])
-        neg = sample_negatives(rng, proto.n_items, set(seq.tolist()), n_neg)
+        neg = sample_negatives(rng, proto.n_items, set(proto.seqs[user].tolist()), n_neg)
         items[x, 1:1 + len(neg)] = neg
     return items, items >= 0
 
 
 def candidate_items(proto: Protocol, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Candidate matrix [n_users, K] (-1 padded), validity mask, and the target's column."""
+    """Candidate matrix [n_targets, K] (-1 padded), validity mask, and the target's column."""
     cands = proto.candidates[split]
-    width = max(len(c) for c in cands)
+    width = max((len(c) for c in cands), default=1)
     items = np.full((len(cands), width), -1, dtype=np.int64)
     for x, c in enumerate(cands):
         items[x, : len(c)] = c
@@ -55,8 +56,8 @@ def per_user_hr_ndcg(scores: np.ndarray, valid: np.ndarray, pos: np.ndarray, k: 
 
 
 def evaluate_scores(score_fn, proto: Protocol, split: str, auc_set, ks: list[int]) -> dict:
-    """Metrics of ``score_fn(users [n], items [n, c]) -> scores`` for all/warm/cold users."""
-    users = np.arange(proto.n_users)
+    """Metrics of ``score_fn(users [n], items [n, c]) -> scores`` over the split's targets, all/warm/cold users."""
+    users = proto.target_users[split]
     a_items, a_valid = auc_set
     auc = per_user_auc(score_fn(users, np.maximum(a_items, 0)), a_valid, np.zeros(len(users), dtype=np.int64))
     c_items, c_valid, c_pos = candidate_items(proto, split)
@@ -69,9 +70,10 @@ def evaluate_scores(score_fn, proto: Protocol, split: str, auc_set, ks: list[int
         if k > 1:                         # NDCG@1 equals HR@1
             per[f"ndcg@{k}"] = ndcg
     out = {}
-    for group, mask in (("all", np.ones(len(users), bool)), ("warm", proto.warm), ("cold", ~proto.warm)):
+    warm = proto.warm[users]
+    for group, mask in (("all", np.ones(len(users), bool)), ("warm", warm), ("cold", ~warm)):
         if mask.any():
-            out[group] = {name: round(float(v[mask].mean()), 4) for name, v in per.items()} | {"users": int(mask.sum())}
+            out[group] = {name: round(float(v[mask].mean()), 4) for name, v in per.items()} | {"users": int(len(np.unique(users[mask])))}
     return out
 
 

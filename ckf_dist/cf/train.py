@@ -2,8 +2,8 @@
 
 Cold users are never trained on. Their CF user embedding is *folded in*: with the item
 table frozen, a user vector is fitted by BPR on the items of the user's log before the
-validation target (``seq[:-2]``, the part a deployed system would already know); neither
-the valid nor the test target is ever used. This is the standard MF fold-in and keeps the
+first validation target (its known history, the part a deployed system would already know);
+no valid or test target is ever used. This is the standard MF fold-in and keeps the
 user and item tables in one scoring space (the mean of item vectors would not be).
 """
 
@@ -52,8 +52,8 @@ def _scorer(user: np.ndarray, item: np.ndarray):
 
 def fold_in(item: torch.Tensor, users: list[list[int]], dim: int, cfg: CFConfig, seed: int) -> np.ndarray:
     """User vectors fitted by BPR against a frozen item table (one row per list of known items)."""
-    if not users:
-        return np.zeros((0, dim), dtype=np.float32)
+    if not any(users):            # no user with a known item: nothing to fit
+        return np.zeros((len(users), dim), dtype=np.float32)
     gen = torch.Generator().manual_seed(seed)
     rows = torch.tensor([x for x, items in enumerate(users) for _ in items])
     pos = torch.tensor([i for items in users for i in items])
@@ -67,7 +67,9 @@ def fold_in(item: torch.Tensor, users: list[list[int]], dim: int, cfg: CFConfig,
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return vec.detach().numpy().astype(np.float32)
+    out = vec.detach().numpy().astype(np.float32)
+    out[[x for x, items in enumerate(users) if not items]] = 0.0     # no known item: no preference
+    return out
 
 
 @contextmanager
@@ -128,8 +130,9 @@ def _train_cf(proto: Protocol, cfg: CFConfig, seed: int, progress: bool) -> CFRe
         with torch.no_grad():
             U, V = (t.numpy() for t in model.embeddings())
         items, mask = valid_auc_set
-        auc = float(per_user_auc(_scorer(U, V)(np.arange(proto.n_users), np.maximum(items, 0)), mask,
-                                 np.zeros(proto.n_users, dtype=np.int64))[warm].mean())
+        owners = proto.target_users["valid"]
+        auc = float(per_user_auc(_scorer(U, V)(owners, np.maximum(items, 0)), mask,
+                                 np.zeros(len(owners), dtype=np.int64))[warm[owners]].mean())
         if progress:
             print(f"  cf {cfg.model} epoch {epoch:3d}  loss {loss.item():.4f}  valid AUC (warm) {auc:.4f}", flush=True)
         if auc > best:
@@ -144,14 +147,14 @@ def _train_cf(proto: Protocol, cfg: CFConfig, seed: int, progress: bool) -> CFRe
         U_t, V_t = model.embeddings()
     user, item = U_t.detach().numpy().astype(np.float32).copy(), V_t.detach().numpy().astype(np.float32)
     cold = np.flatnonzero(~warm)
-    user[cold] = fold_in(V_t, [proto.seqs[x][:-2].tolist() for x in cold], cfg.dim, cfg, seed)
+    user[cold] = fold_in(V_t, [proto.seqs[x][:proto.n_history(x)].tolist() for x in cold], cfg.dim, cfg, seed)
     metrics = {
         "model": cfg.model, "dim": cfg.dim, "best_epoch": best_epoch, "epochs_run": epoch,
         "best_valid_auc_warm": round(best, 4), "train_seconds": round(time.perf_counter() - start, 2),
         "cold_user_embedding": "fold-in: BPR fit of the user vector on its pre-validation items, item table frozen",
         "negatives": cfg.eval_negatives,
     }
-    ks = [k for k in cfg.ks if k <= max(len(c) for c in proto.candidates["valid"])]
+    ks = [k for k in cfg.ks if k <= max((len(c) for c in proto.candidates["valid"]), default=0)]
     for split in ("valid", "test"):
         auc_set = valid_auc_set if split == "valid" else auc_items(proto, split, cfg.eval_negatives, seed)
         metrics[split] = {"cf": evaluate_scores(_scorer(user, item), proto, split, auc_set, ks),

@@ -17,9 +17,12 @@ class DataConfig:
     meta_path: str = ""                # amazon metadata file (titles) where separate
     output: str = "runs/data/ml-100k"  # fsspec URL of the prepared dataset
     kcore: int = 5
+    split: Literal["leave-last-out", "temporal"] = "leave-last-out"   # per-user last items, or global time cuts
+    temporal_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])   # train/valid/test (temporal)
     like_threshold: float = 4.0        # ctr label: rating >= threshold is a like
     max_history: int = 10
     n_candidates: int = 10             # sequential: 1 true next item + n-1 sampled negatives
+    negatives: Literal["uniform", "popularity"] = "uniform"   # candidates' negatives: uniform or popularity-matched
     cold_max_interactions: int = 5     # users with <= this many training interactions are cold
     cold_user_fraction: float = 0.1    # share of users held out as cold (never in training)
     task_weights: dict[str, float] = field(default_factory=lambda: {"ctr": 1.0, "sequential": 1.0, "rating": 1.0, "review": 1.0})
@@ -43,6 +46,13 @@ class DataConfig:
             raise ValueError(f"n_candidates: must be >= 2 (one true item and negatives), got {self.n_candidates}")
         if not 0.0 <= self.cold_user_fraction < 1.0:
             raise ValueError(f"cold_user_fraction: must be in [0, 1), got {self.cold_user_fraction}")
+        if self.split not in ("leave-last-out", "temporal"):
+            raise ValueError(f"split: 'leave-last-out' or 'temporal', got {self.split!r}")
+        fr = self.temporal_fractions
+        if len(fr) != 3 or min(fr) <= 0 or abs(sum(fr) - 1.0) > 1e-6:
+            raise ValueError(f"temporal_fractions: three positive fractions (train, valid, test) summing to 1, got {fr}")
+        if self.negatives not in ("uniform", "popularity"):
+            raise ValueError(f"negatives: 'uniform' or 'popularity', got {self.negatives!r}")
         if self.shard_rows < 1:
             raise ValueError(f"shard_rows: must be >= 1, got {self.shard_rows}")
         if self.max_length < 16:

@@ -5,14 +5,17 @@ From one normalized log (:class:`~ckf_dist.data.sources.Interactions`):
 1. duplicates (user, item) keep their earliest interaction; k-core filtering repeats until
    every user and item has >= k interactions; users with < 3 are dropped (no valid/test);
 2. raw ids are remapped to CF ids 0..n-1 (sorted by raw id: no popularity or time pattern);
-3. per user, interactions in chronological order: last = test, second last = valid,
-   the rest = training;
+3. split (``data.split``): ``leave-last-out`` - per user, in chronological order, last =
+   test, second last = valid, the rest = history (training); ``temporal`` - two global time
+   cuts (``data.temporal_fractions`` of all interactions): before the first = history, between
+   = valid, after = test, so a user has any number of targets (and UAUC is defined);
 4. cold users: a seeded ``cold_user_fraction`` of all users plus every user with
    <= ``cold_max_interactions`` training interactions; they never appear in training
    (neither in CF training nor in prompt samples), only in valid/test;
-5. each (split, user) gets one task (seeded, ``task_weights``; review only where the target
-   has text); every target gets a seeded candidate set (true item at a uniform random
-   position, negatives never in the user's log);
+5. each valid/test target gets one task (seeded, ``task_weights``; review only where the
+   target has text) and a seeded candidate set (true item at a uniform random
+   position, negatives never in the user's log, uniform or in proportion to training
+   popularity (``data.negatives``));
 6. training samples: each training interaction of a warm user with >= 1 earlier item,
    one seeded task each. History = at most ``max_history`` items strictly before the target.
 
@@ -65,10 +68,16 @@ class Protocol:
     seq_ratings: list[np.ndarray]
     train_pairs: np.ndarray             # int64 [N, 2] (user, item): warm users' training interactions
     train_ratings: np.ndarray           # float32 [N]
-    targets: dict[str, np.ndarray]      # split -> item id per user (valid: second last, test: last)
-    candidates: dict[str, list[list[int]]]   # split -> per user candidate list (true item included)
+    targets: dict[str, np.ndarray]      # split -> item id per target (leave-last-out: one per user)
+    candidates: dict[str, list[list[int]]]   # split -> per target candidate list (true item included)
     samples: list[Sample] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    seq_split: list[np.ndarray] = field(default_factory=list)    # per user, per interaction: 0 history, 1 valid, 2 test
+    target_users: dict[str, np.ndarray] = field(default_factory=dict)   # split -> user of each target
+
+    def n_history(self, user: int) -> int:
+        """Interactions of ``user`` before its first validation target (its known history)."""
+        return int((self.seq_split[user] == 0).sum())
 
 
 def _rng(seed: int, stream: str, user: int) -> np.random.Generator:
@@ -87,13 +96,26 @@ def kcore(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
         keep = new
 
 
-def sample_negatives(rng: np.random.Generator, n_items: int, exclude: set[int], n: int) -> list[int]:
-    """``n`` distinct item ids outside ``exclude`` drawn uniformly (fewer if not enough exist)."""
+def sample_negatives(rng: np.random.Generator, n_items: int, exclude: set[int], n: int,
+                     cdf: np.ndarray | None = None) -> list[int]:
+    """``n`` distinct item ids outside ``exclude`` (fewer if not enough exist).
+
+    Uniform over items, or with ``cdf`` (:func:`popularity_cdf`) in proportion to training
+    popularity; when the popular items run out (a user who touched most of them), the rest
+    are drawn uniformly.
+    """
     n = min(n, n_items - len(exclude))
     out: list[int] = []
     seen = set(exclude)
+    rounds = 0
     while len(out) < n:
-        for j in rng.integers(0, n_items, size=2 * (n - len(out)) + 4).tolist():
+        size = 2 * (n - len(out)) + 4
+        if cdf is not None and rounds < 20:
+            draws = np.minimum(np.searchsorted(cdf, rng.random(size), side="right"), n_items - 1)
+        else:
+            draws = rng.integers(0, n_items, size=size)
+        rounds += 1
+        for j in draws.tolist():
             if j not in seen:
                 seen.add(j)
                 out.append(j)
@@ -102,9 +124,18 @@ def sample_negatives(rng: np.random.Generator, n_items: int, exclude: set[int], 
     return out
 
 
-def make_candidates(rng: np.random.Generator, target: int, n_items: int, exclude: set[int], k: int) -> list[int]:
+def popularity_cdf(train_items: np.ndarray, n_items: int) -> np.ndarray:
+    """Cumulative distribution of items in proportion to their training interactions."""
+    counts = np.bincount(train_items, minlength=n_items).astype(np.float64)
+    if counts.sum() == 0:
+        counts[:] = 1.0
+    return np.cumsum(counts) / counts.sum()
+
+
+def make_candidates(rng: np.random.Generator, target: int, n_items: int, exclude: set[int], k: int,
+                    cdf: np.ndarray | None = None) -> list[int]:
     """True item at a uniform random position among ``k - 1`` sampled negatives."""
-    cands = sample_negatives(rng, n_items, exclude | {target}, k - 1)
+    cands = sample_negatives(rng, n_items, exclude | {target}, k - 1, cdf)
     cands.insert(int(rng.integers(0, len(cands) + 1)), target)
     return cands
 
@@ -177,59 +208,91 @@ def build_protocol(log: Interactions, cfg: DataConfig, seed: int) -> Protocol:
     seq_ratings = [ratings[s:e] for s, e in zip(starts, ends)]
     seq_texts = [texts[s:e] for s, e in zip(starts, ends)] if texts is not None else None
     item_titles = [log.titles.get(r) or f"item {r}" for r in item_raw]
+    seq_split = _split_labels(cfg, log.timestamps[order], starts, ends, stats)
+    n_hist = np.array([int((lab == 0).sum()) for lab in seq_split])
 
     n_cold = int(round(cfg.cold_user_fraction * n_users))
     held_out = np.zeros(n_users, dtype=bool)
     held_out[np.random.default_rng([seed, _STREAM["cold"]]).permutation(n_users)[:n_cold]] = True
-    few = np.array([len(s) - 2 <= cfg.cold_max_interactions for s in seqs])
+    few = n_hist <= cfg.cold_max_interactions
     warm = ~(held_out | few)
     stats.update(users=n_users, items=n_items, cold_held_out=int(held_out.sum()), cold_few_interactions=int((few & ~held_out).sum()),
                  warm_users=int(warm.sum()))
 
-    pu = [np.full(len(s) - 2, x, dtype=np.int64) for x, s in enumerate(seqs) if warm[x]]
-    pi = [s[:-2] for x, s in enumerate(seqs) if warm[x]]
-    pr = [r[:-2] for x, r in enumerate(seq_ratings) if warm[x]]
+    pu = [np.full(n_hist[x], x, dtype=np.int64) for x in range(n_users) if warm[x]]
+    pi = [s[:n_hist[x]] for x, s in enumerate(seqs) if warm[x]]
+    pr = [r[:n_hist[x]] for x, r in enumerate(seq_ratings) if warm[x]]
     if not pu:
         raise DataError(f"{log.source}: no warm user left for training; lower data.cold_max_interactions or cold_user_fraction")
     train_pairs = np.stack([np.concatenate(pu), np.concatenate(pi)], axis=1)
     stats["train_interactions"] = int(len(train_pairs))
 
     proto = Protocol(n_users, n_items, user_raw, item_raw, item_titles, warm, seqs, seq_ratings, train_pairs,
-                     np.concatenate(pr).astype(np.float32), {}, {})
+                     np.concatenate(pr).astype(np.float32), {}, {}, seq_split=seq_split)
     H, K = cfg.max_history, cfg.n_candidates
+    cdf = popularity_cdf(train_pairs[:, 1], n_items) if cfg.negatives == "popularity" else None
     pick = TaskPicker(cfg.task_weights)
-    for split, pos in (("valid", -2), ("test", -1)):
-        proto.targets[split] = np.array([s[pos] for s in seqs], dtype=np.int64)
-        proto.candidates[split] = []
+    for code, split in ((1, "valid"), (2, "test")):
+        items, owners, cand_lists = [], [], []
         for x, s in enumerate(seqs):
-            t = len(s) + pos
-            rng = _rng(seed, split, x)
-            cands = make_candidates(rng, int(s[t]), n_items, set(s.tolist()), K)
-            proto.candidates[split].append(cands)
-            text = seq_texts[x][t] if seq_texts is not None else ""
-            task = pick(float(_rng(seed, "task-" + split, x).random()), bool(text))
-            if task is not None:
-                proto.samples.append(_sample(split, task, x, s, seq_ratings[x], t, H, cands, text, bool(warm[x]), cfg))
+            positions = np.flatnonzero(seq_split[x] == code).tolist()
+            if not positions:
+                continue
+            rng, task_rng = _rng(seed, split, x), _rng(seed, "task-" + split, x)
+            exclude = set(s.tolist())
+            for t in positions:            # one generator per user, drawn in time order
+                cands = make_candidates(rng, int(s[t]), n_items, exclude, K, cdf)
+                items.append(int(s[t]))
+                owners.append(x)
+                cand_lists.append(cands)
+                text = seq_texts[x][t] if seq_texts is not None else ""
+                task = pick(float(task_rng.random()), bool(text))
+                if task is not None:
+                    proto.samples.append(_sample(split, task, x, s, seq_ratings[x], t, H, cands, text, bool(warm[x]), cfg))
+        proto.targets[split] = np.array(items, dtype=np.int64)
+        proto.target_users[split] = np.array(owners, dtype=np.int64)
+        proto.candidates[split] = cand_lists
     for x in np.flatnonzero(warm).tolist():
         s = seqs[x]
         rng = _rng(seed, "train", x)
-        first = 1 if cfg.train_samples_per_user <= 0 else max(1, len(s) - 2 - cfg.train_samples_per_user)
+        end = int(n_hist[x])
+        first = 1 if cfg.train_samples_per_user <= 0 else max(1, end - cfg.train_samples_per_user)
         exclude = set(s.tolist())
         uniforms = rng.random(len(s)).tolist()
-        for t in range(first, len(s) - 2):
+        for t in range(first, end):
             text = seq_texts[x][t] if seq_texts is not None else ""
             task = pick(uniforms[t], bool(text))
             if task is None:
                 continue
-            cands = make_candidates(rng, int(s[t]), n_items, exclude, K) if task == "sequential" else []
+            cands = make_candidates(rng, int(s[t]), n_items, exclude, K, cdf) if task == "sequential" else []
             proto.samples.append(_sample("train", task, x, s, seq_ratings[x], t, H, cands, text, True, cfg))
     stats["has_text"] = seq_texts is not None and any(any(t) for t in seq_texts)
-    eligible = sum(max(0, len(proto.seqs[x]) - 3) for x in np.flatnonzero(warm).tolist())
+    eligible = sum(max(0, int(n_hist[x]) - 1) for x in np.flatnonzero(warm).tolist())
     if eligible and not any(smp.split == "train" for smp in proto.samples):
         raise DataError(f"{log.source}: no training samples: the tasks with weight > 0 ({cfg.task_weights}) need "
                         f"{'review text, which this source lacks' if not stats['has_text'] else 'more data'}")
     proto.stats = stats
     return proto
+
+
+def _split_labels(cfg: DataConfig, times: np.ndarray, starts: np.ndarray, ends: np.ndarray, stats: dict) -> list[np.ndarray]:
+    """Per user, per interaction (chronological): 0 history, 1 valid target, 2 test target.
+
+    ``leave-last-out``: the last interaction is the test target, the second last the validation
+    target. ``temporal``: two global time cuts at the ``temporal_fractions`` quantiles of all
+    kept interactions' timestamps; a user may have any number of targets in each split.
+    """
+    if cfg.split == "leave-last-out":
+        return [np.r_[np.zeros(e - s - 2), 1, 2].astype(np.int8) for s, e in zip(starts, ends)]
+    kept = np.concatenate([times[s:e] for s, e in zip(starts, ends)])
+    f_train, f_valid, _ = cfg.temporal_fractions
+    cut_valid, cut_test = np.quantile(kept, [f_train, f_train + f_valid])
+    stats.update(temporal_cut_valid=float(cut_valid), temporal_cut_test=float(cut_test))
+    out = []
+    for s, e in zip(starts, ends):
+        ts = times[s:e]
+        out.append(np.where(ts < cut_valid, 0, np.where(ts < cut_test, 1, 2)).astype(np.int8))
+    return out
 
 
 def _sample(split, task, user, seq, rats, t, H, cands, text, warm, cfg) -> Sample:

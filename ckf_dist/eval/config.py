@@ -14,6 +14,7 @@ class EvalConfig:
     batch_size: int = 8
     max_new_tokens: int = 32       # review/explanation generation
     candidate_scoring: Literal["sum", "mean"] = "sum"   # sequential: candidate log-prob summed or per token
+    lm_prior: bool = True          # sequential: also rank the candidates by the untuned backbone ("lm-prior")
     bootstrap: int = 1000          # bootstrap replicates of every interval (0: point values only)
     cold_user_max: int = 30        # user-cold: <= this many interactions in the user's known history
     cold_item_max: int = 20        # item-cold: the target item has <= this many training interactions

@@ -173,40 +173,54 @@ def greedy_generate(model: CKFModel, batch: dict, max_new_tokens: int, eos_id: i
 
 
 def sequential_logliks(model, batch: dict, cand_ids: list[list[list[int]]], stream: str = "cf") -> list[torch.Tensor]:
-    """Per row, log p(candidate tokens | prompt) ``[K_i]``: prompts once, all rows' candidates in one batch.
+    """Per row, log p(candidate tokens | prompt) ``[K_i]``: one forward for all of a batch's candidates.
 
-    The right-padded prompts run once with a cache; each row's cache is repeated for its K_i
-    candidates, which continue at positions ``len_i + t`` with the prompt padding masked out.
-    Equal (within fp32 tolerance) to :func:`sequential_scores`, one row at a time.
+    Each row is packed as ``prompt, cand_1, ..., cand_K`` with a 4-D attention mask in which a
+    candidate's tokens see the prompt and the earlier tokens of their own candidate only, and
+    positions restart at the prompt's length for every candidate: the prompt runs once, no
+    key/value cache is copied per candidate, and every score equals the candidate scored
+    alone after its prompt (:func:`sequential_scores`, within fp32 tolerance).
     """
-    lengths = prompt_lengths(batch, stream)
-    b = lengths.numel()
-    counts = torch.tensor([len(c) for c in cand_ids])
+    lengths = prompt_lengths(batch, stream).tolist()
+    b = len(cand_ids)
     if any(len(c) == 0 for row in cand_ids for c in row):
         raise ValueError("cand_ids: every candidate needs at least one token")
-    p = int(lengths.max())
-    ids = batch[f"{stream}_input_ids"][:, :p]
-    device = ids.device
-    mask = (torch.arange(p, device=device)[None, :] < lengths[:, None].to(device)).long()
-    task_ids = batch["task_ids"]
+    src = batch[f"{stream}_input_ids"]
+    device = src.device
+    totals = [n + sum(len(c) for c in row) for n, row in zip(lengths, cand_ids)]
+    width = max(totals)
+    ids = torch.zeros((b, width), dtype=torch.long)
+    pos = torch.zeros((b, width), dtype=torch.long)
+    allowed = torch.zeros((b, width, width), dtype=torch.bool)
+    src_rows, src_cols, targets, owner = [], [], [], []        # per candidate token: where its logits come from
+    k = 0
+    for i, (n, row) in enumerate(zip(lengths, cand_ids)):
+        ids[i, :n] = src[i, :n].cpu()
+        pos[i, :n] = torch.arange(n)
+        allowed[i, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+        at = n
+        for cand in row:
+            m = len(cand)
+            ids[i, at:at + m] = torch.as_tensor(cand, dtype=torch.long)
+            pos[i, at:at + m] = torch.arange(n, n + m)
+            allowed[i, at:at + m, :n] = True
+            allowed[i, at:at + m, at:at + m] = torch.ones(m, m, dtype=torch.bool).tril()
+            src_rows += [i] * m
+            src_cols += [n - 1] + list(range(at, at + m - 1))
+            targets += cand
+            owner += [k] * m
+            at += m
+            k += 1
+        allowed[i, at:, at:] = torch.eye(width - at, dtype=torch.bool)      # padding sees itself only
+    dtype = next(model.parameters()).dtype
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    mask = torch.zeros((b, 1, width, width), dtype=dtype).masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
     with _evaluating(model):
-        out = model.hidden(ids, mask, task_ids, _slots(batch, stream), use_cache=True)
-        last = out.last_hidden_state[torch.arange(b, device=device), (lengths - 1).to(device)]
-        first = torch.log_softmax(model.logits(last).float(), -1)                               # [B, V]
-        row_of = torch.repeat_interleave(torch.arange(b), counts).to(device)                    # [N]
-        cache = output_cache(out)
-        cache.reorder_cache(row_of)                                                             # prompt KV per candidate
-        cids, cmask = (t.to(device) for t in _pad([c for row in cand_ids for c in row], 0))
-        full_mask = torch.cat([mask[row_of], cmask], dim=1)
-        positions = lengths.to(device)[row_of, None] + torch.arange(cids.shape[1], device=device)[None, :]
-        cont = model.hidden(cids, full_mask, task_ids[row_of], None, cache=cache, position_ids=positions,
-                            use_cache=True).last_hidden_state                                  # [N, Lc, H]
-        scores = first[row_of, cids[:, 0]]
-        valid = cmask[:, 1:].bool()
-        if valid.any():               # LM head only on real continuation tokens
-            logp = torch.log_softmax(model.logits(cont[:, :-1][valid]).float(), -1)
-            tok = logp.gather(-1, cids[:, 1:][valid].unsqueeze(-1)).squeeze(-1)
-            scores = scores.index_add(0, torch.nonzero(valid)[:, 0], tok)
-    return list(scores.cpu().split(counts.tolist()))
-
-
+        out = model.hidden(ids.to(device), mask.to(device), batch["task_ids"], _slots(batch, stream),
+                           position_ids=pos.to(device))
+        hid = out.last_hidden_state[torch.tensor(src_rows, device=device), torch.tensor(src_cols, device=device)]
+        logp = torch.log_softmax(model.logits(hid).float(), -1)
+        tok = logp.gather(-1, torch.tensor(targets, device=device).unsqueeze(-1)).squeeze(-1)
+        scores = torch.zeros(k, device=device).index_add(0, torch.tensor(owner, device=device), tok)
+    return list(scores.cpu().split([len(row) for row in cand_ids]))

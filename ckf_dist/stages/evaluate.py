@@ -10,6 +10,8 @@ Columns, all on the same rows of a task (docs/evaluation.md):
 
 - ``ckf``: the run with its CF slots (the bridge's tokens in the prompt);
 - ``ckf-slots-removed``: the same weights on the text prompts (not a model trained without CF);
+- ``lm-prior`` (sequential): the untuned backbone ranking the same candidates, so the table
+  shows what fine-tuning added;
 - one column per ``--compare RUN`` (e.g. a run trained with ``model.bridge.use_cf_slots: false``,
   the paper's text-only baseline), scored on its own stream;
 - the baselines of :mod:`ckf_dist.eval.baselines` (CF model, popularity, rating means and a
@@ -38,6 +40,7 @@ REFERENCE = "ckf"
 METHOD_NOTES = {
     "ckf": "this run, CF slots through the bridge",
     "ckf-slots-removed": "this run's weights on the text prompts (CF slots removed, not retrained)",
+    "lm-prior": "the untuned backbone's likelihood of each candidate (text prompts, no adapters)",
     "popularity": "training interactions of the item",
     "global_mean": "mean training rating", "user_mean": "mean of the user's known ratings",
     "item_mean": "mean training rating of the item", "rating_mf": "biased MF rating regressor (ALS)",
@@ -65,7 +68,7 @@ def load_test_rows(url: str, users_per_task: int, seed: int) -> dict[str, list]:
 
 # --------------------------------------------------------------------------- the command
 def _load_run(cfg, run: str, progress: bool, cf_user, cf_item):
-    """(model, tokenizer, meta, consolidated folder) for a consolidated folder or a checkpoint URL."""
+    """(model, tokenizer, meta, consolidated folder, model config) for a consolidated folder or a checkpoint URL."""
     from ckf_dist.contract import CONSOLIDATED_META
     from ckf_dist.stages.consolidate import consolidate, load_consolidated
     from ckf_dist.config import load_config
@@ -78,7 +81,7 @@ def _load_run(cfg, run: str, progress: bool, cf_user, cf_item):
     if cfg.model.cache_dir:
         model_cfg.cache_dir = cfg.model.cache_dir
     model, tokenizer, meta = load_consolidated(folder, model_cfg, cf_user, cf_item)
-    return model, tokenizer, meta, folder
+    return model, tokenizer, meta, folder, model_cfg
 
 
 def _score_llm(model, stream: str, name: str, rows: dict[str, list], trows: dict[str, TaskRows], ctx: dict,
@@ -114,7 +117,7 @@ def run_evaluate(cfg, run: str, out_dir: str | Path | None = None, progress: boo
     manifest, _, _ = read_dataset_manifest(url)
     cf = load_cf_tables(url, manifest=manifest)
     cf_user, cf_item = torch.from_numpy(cf["user"]), torch.from_numpy(cf["item"])
-    model, tokenizer, meta, folder = _load_run(cfg, run, progress, cf_user, cf_item)
+    model, tokenizer, meta, folder, model_cfg = _load_run(cfg, run, progress, cf_user, cf_item)
     check_fingerprint(meta.get("dataset_fingerprint"), manifest, url, f"run {meta.get('run_name')!r} ({run})")
     check_tokenizer(manifest, tokenizer)
     ctx = {"pad_id": int(manifest["tokenizer"]["pad_id"]), "eos_id": int(manifest["tokenizer"]["eos_id"]),
@@ -146,9 +149,18 @@ def run_evaluate(cfg, run: str, out_dir: str | Path | None = None, progress: boo
     for name, stream in variants.items():
         for task, o in _score_llm(model, stream, name, rows, trows, ctx, cfg, progress, timings).items():
             outputs[task][name] = o
+    n_tasks = model.n_tasks
     del model
+    if e.lm_prior and "sequential" in trows:
+        from ckf_dist.model import build_ckf_model, load_backbone
+
+        prior = build_ckf_model(model_cfg, load_backbone(model_cfg)[0], cf_user, cf_item, n_tasks=n_tasks).eval()
+        seq_only = {"sequential": rows["sequential"]}
+        outputs["sequential"]["lm-prior"] = _score_llm(prior, "text", "lm-prior", seq_only, trows, ctx, cfg, progress,
+                                                       timings)["sequential"]
+        del prior
     for other in compare:
-        m2, _, meta2, _ = _load_run(cfg, other, progress, cf_user, cf_item)
+        m2, _, meta2, _, _ = _load_run(cfg, other, progress, cf_user, cf_item)
         check_fingerprint(meta2.get("dataset_fingerprint"), manifest, url, f"run {meta2.get('run_name')!r} ({other})")
         name = str(meta2.get("run_name") or Path(other).name)
         while any(name in outputs[t] for t in outputs):
@@ -171,7 +183,7 @@ def run_evaluate(cfg, run: str, out_dir: str | Path | None = None, progress: boo
         "run": str(run), "consolidated": str(folder), "run_name": meta.get("run_name"), "step": meta.get("step"),
         "backbone": meta.get("backbone"), "dataset": url, "dataset_fingerprint": dataset_fingerprint(manifest),
         "users_per_task": e.users_per_task, "seed": cfg.seed,
-        "options": {"candidate_scoring": e.candidate_scoring, "bootstrap": e.bootstrap, "cold_user_max": e.cold_user_max,
+        "options": {"candidate_scoring": e.candidate_scoring, "lm_prior": e.lm_prior, "bootstrap": e.bootstrap, "cold_user_max": e.cold_user_max,
                     "cold_item_max": e.cold_item_max, "min_group_rows": e.min_group_rows,
                     "negatives": manifest.get("data_config", {}).get("negatives", "uniform"),
                     "split": manifest.get("data_config", {}).get("split", "leave-last-out")},

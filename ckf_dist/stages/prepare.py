@@ -73,7 +73,7 @@ def interactions_table(proto: Protocol) -> bytes:
     (training counts) from it.
     """
     users = np.concatenate([np.full(len(s), x, dtype=np.int32) for x, s in enumerate(proto.seqs)])
-    split = np.concatenate([np.r_[np.zeros(len(s) - 2), 1, 2].astype(np.int8) for s in proto.seqs])
+    split = np.concatenate(proto.seq_split).astype(np.int8)
     return table_bytes(pa.table({
         "user": pa.array(users, pa.int32()),
         "item": pa.array(np.concatenate(proto.seqs).astype(np.int32), pa.int32()),

@@ -24,7 +24,7 @@ TASK_NOTE = {
     "rating": "error of each method's predicted rating on the same rows",
     "review": "greedy generation vs the reference text",
 }
-CELL = 20
+CELL = 22
 
 
 def _nan(v) -> bool:
@@ -48,13 +48,15 @@ def _cell(c: dict | None, metric: str, signed: bool = False) -> str:
 def format_table(report: dict) -> str:
     """The printed table of an evaluation report (see the module docstring)."""
     results, diffs = report["results"], report.get("diffs", {})
+    names = [m for t in results for m in results[t]] + [d for t in diffs for g in diffs[t] for d in diffs[t][g]]
+    label = max([20] + [len(n) + 2 for n in names])
     lines = []
     for task in [t for t in TASKS if t in results]:
         methods = results[task]
         groups = [g for g in GROUPS if any(g in methods[m] for m in methods)]
         n = {g: next((methods[m][g]["n"] for m in methods if g in methods[m]), 0) for g in groups}
         lines.append(f"{task}: {TASK_NOTE[task]}")
-        head = f"  {'':<20}" + "".join(f"{g + ' n=' + str(n[g]):>{CELL}}" for g in groups)
+        head = f"  {'':<{label}}" + "".join(f"{g + ' n=' + str(n[g]):>{CELL}}" for g in groups)
         for metric in SHOWN[task]:
             cells = {m: [_cell(methods[m].get(g), metric) for g in groups] for m in methods}
             if all(c == "-" for row in cells.values() for c in row) or (
@@ -67,13 +69,13 @@ def format_table(report: dict) -> str:
                 continue
             lines.append(f"  {metric}" + head[2 + len(metric):])
             for m in methods:
-                lines.append(f"  {m:<20}" + "".join(f"{c:>{CELL}}" for c in cells[m]))
+                lines.append(f"  {m:<{label}}" + "".join(f"{c:>{CELL}}" for c in cells[m]))
         main = MAIN_METRIC[task]
         pairs = [(g, name) for g in groups for name in diffs.get(task, {}).get(g, {})]
-        names = list(dict.fromkeys(name for _, name in pairs))
-        if names:
+        pair_names = list(dict.fromkeys(name for _, name in pairs))
+        if pair_names:
             lines.append(f"  {main}, paired difference{' (lower is better)' if main in ('rmse', 'mae') else ''}")
-            for name in names:
+            for name in pair_names:
                 row = []
                 for g in groups:
                     d = diffs[task].get(g, {}).get(name, {}).get(main)
@@ -81,7 +83,7 @@ def format_table(report: dict) -> str:
                         row.append("too small" if methods[next(iter(methods))].get(g, {}).get("too_small") else "-")
                     else:
                         row.append(_cell({main: d}, main, signed=True) + ("*" if d.get("excludes_zero") else " "))
-                lines.append(f"  {name:<20}" + "".join(f"{c:>{CELL}}" for c in row))
+                lines.append(f"  {name:<{label}}" + "".join(f"{c:>{CELL}}" for c in row))
         lines.append("")
     lines.append(_footer(report))
     return "\n".join(lines)

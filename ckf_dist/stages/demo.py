@@ -53,7 +53,8 @@ def run_demo(config_path: str, overrides: list[str] | None = None) -> int:
     times["consolidate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    _banner("4/4 evaluate (test split, sampled users per task)")
+    scope = f"a sample of {cfg.eval.users_per_task} users per task" if cfg.eval.users_per_task else "every test user"
+    _banner(f"4/4 evaluate (test split, {scope}, 95% bootstrap intervals)")
     run_evaluate(cfg, str(adapters), out_dir=out, progress=True)
     times["evaluate"] = time.perf_counter() - t
 

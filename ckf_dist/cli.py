@@ -5,6 +5,7 @@
     ckf train CONFIG [--set ...]
     ckf consolidate CKPT_URL --out DIR
     ckf evaluate RUN_DIR_OR_CKPT --config CONFIG [--set ...]
+    ckf study CONFIG [--set ...]      train + evaluate the ablation grid of study.variants
     ckf demo [CONFIG]                 prepare -> train -> consolidate -> evaluate
     ckf submit CONFIG --address http://HEAD:8265   /   ckf jobs list|logs|stop
 """
@@ -58,6 +59,13 @@ def cmd_consolidate(args) -> int:
 
     out = consolidate(args.checkpoint, args.out, progress=not args.quiet)
     print(f"consolidated into {out}")
+    return 0
+
+
+def cmd_study(args) -> int:
+    from ckf_dist.stages.study import run_study
+
+    run_study(_load(args), progress=not args.quiet)
     return 0
 
 
@@ -115,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="other runs (consolidated folders or checkpoint URLs) trained on the same dataset, e.g. "
                         "one with model.bridge.use_cf_slots=false: each becomes a column on the same rows")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("study", help="train and evaluate the ablation grid of study.variants; one table, same rows",
+                       description="Train every variant declared under study.variants (name -> KEY=VALUE overrides) one "
+                                   "after another on one prepared dataset, then evaluate them together on the same test "
+                                   "rows with paired 95% intervals. A rerun skips finished variants.")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("demo", help="prepare -> train -> consolidate -> evaluate on the embedded default")
     _add_config_args(p, required=False)

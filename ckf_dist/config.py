@@ -31,6 +31,22 @@ from ckf_dist.errors import ConfigError  # noqa: E402  (re-exported)
 
 
 @dataclass
+class StudyConfig:
+    """An ablation grid for ``ckf study``: variant name -> its ``KEY=VALUE`` overrides of this config."""
+
+    variants: dict[str, list[str]] = field(default_factory=dict)
+    reference: str = "ckf"             # the variant every other is compared against (paired intervals)
+    output: str = "runs/study"
+
+    def validate(self) -> None:
+        bad = [n for n in self.variants if not n or any(c in n for c in "/ " + GLOB_CHARS)]
+        if bad:
+            raise ValueError(f"variants: names must be non-empty, without '/', spaces or glob characters: {bad}")
+        if self.variants and self.reference not in self.variants:
+            raise ValueError(f"reference: {self.reference!r} is not one of the variants {sorted(self.variants)}")
+
+
+@dataclass
 class CKFConfig:
     """The whole run: data preparation, CF stage, model, training and evaluation."""
 
@@ -41,6 +57,7 @@ class CKFConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     def validate(self) -> None:
         if not self.run_name or any(c in self.run_name for c in "/" + GLOB_CHARS):

@@ -80,3 +80,33 @@ def test_bad_ids_are_clear_errors():
         bridge.slot_tokens(history, torch.tensor([0]), torch.tensor([2]), torch.tensor([0]))
     with pytest.raises(ValueError, match="CF tables"):
         Bridge(torch.randn(3, 4), torch.randn(3, 5), 8, BridgeConfig())
+
+
+@pytest.mark.parametrize("scale", ["match", "normalize"])
+def test_slot_scale_puts_slot_tokens_at_the_embedding_norm(scale):
+    from ckf_dist.model import ModelConfig, build_ckf_model, load_backbone
+
+    g = torch.Generator().manual_seed(0)
+    cf_user, cf_item = torch.randn(30, 8, generator=g) * 3, torch.randn(40, 8, generator=g) * 3
+    b = synthetic_batch([0, 1, 2, 3], 30, 40)
+    out = {}
+    for choice in ("default", scale):
+        cfg = ModelConfig(backbone="tiny-llama")
+        cfg.bridge.slot_scale = choice
+        bb, _ = load_backbone(cfg)
+        model = build_ckf_model(cfg, bb, cf_user, cf_item)
+        median = bb.get_input_embeddings().weight.detach().norm(dim=1).median().item()
+        stats = model.bridge.token_norms(b["history"], b["slot_row"], b["slot_kind"], b["slot_cf_id"])
+        assert stats["embed_norm"] == pytest.approx(median, rel=1e-5)
+        with torch.no_grad():
+            item_tokens = model.bridge.slot_tokens(torch.full((40, 1), -1), torch.arange(40),
+                                                   torch.ones(40, dtype=torch.long), torch.arange(40))
+        out[choice] = (stats, item_tokens.norm(dim=1), median)
+    stats, item_norms, median = out[scale]
+    # every item token (median exactly; normalize: each one) at the real tokens' median norm
+    assert item_norms.median().item() == pytest.approx(median, rel=1e-3)
+    if scale == "normalize":
+        torch.testing.assert_close(item_norms, torch.full_like(item_norms, median), rtol=1e-4, atol=0)
+    assert 0.5 * median < stats["slot_norm_user"] < 2 * median and 0.5 * median < stats["slot_norm_item"] < 2 * median
+    default = out["default"][0]                # nn.Linear's init on CF rows of norm ~8: tens of times larger
+    assert default["slot_norm_user"] > 10 * median and default["slot_norm_item"] > 10 * median

@@ -120,6 +120,11 @@ def test_two_workers_zero2_train_and_commit_to_s3(runs):
                open_url(ref.url)[0].open(f"{open_url(ref.url)[1]}/metrics.jsonl").read().decode().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all({"loss", "loss_text", "loss_cf", "w", "lr", "samples_per_s", "tokens_per_s"} <= m.keys() for m in metrics)
+    # the schedule is visible: per-group gradient and update norms, the bridge's LR, slot-token scale
+    norms = {"grad_norm/lora", "grad_norm/bridge", "update_norm/lora", "update_norm/bridge", "lr_bridge",
+             "slot_norm_user", "slot_norm_item", "embed_norm"}
+    assert all(norms <= m.keys() for m in metrics), metrics[0].keys()
+    assert all(m["grad_norm/lora"] > 0 and m["update_norm/bridge"] > 0 for m in metrics[1:])
 
 
 def test_sigkill_mid_run_restarts_and_equals_uninterrupted(runs):

@@ -24,7 +24,8 @@ from ckf_dist.model.config import BridgeConfig
 class Bridge(nn.Module):
     """MetaNet + Map_U + Map_V over frozen CF tables ``cf_user [n_users, d]``, ``cf_item [n_items, d]``."""
 
-    def __init__(self, cf_user: torch.Tensor, cf_item: torch.Tensor, hidden: int, cfg: BridgeConfig):
+    def __init__(self, cf_user: torch.Tensor, cf_item: torch.Tensor, hidden: int, cfg: BridgeConfig,
+                 embed_norm: float | None = None):
         super().__init__()
         if cf_user.dim() != 2 or cf_item.dim() != 2 or cf_user.shape[1] != cf_item.shape[1]:
             raise ValueError(f"CF tables must be [n_users, d] and [n_items, d], got {tuple(cf_user.shape)} "
@@ -45,6 +46,38 @@ class Bridge(nn.Module):
             self.attn = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 1, bias=False))
         self.map_u = nn.Linear(d, hidden)
         self.map_v = nn.Linear(d, hidden)
+        # the backbone's median token-embedding norm (a constant of the frozen backbone, not saved)
+        self.register_buffer("embed_norm", torch.tensor(float(embed_norm or 0.0)), persistent=False)
+        if cfg.slot_scale != "default":
+            if not embed_norm:
+                raise ValueError(f"bridge.slot_scale={cfg.slot_scale!r} needs the backbone's embedding norm")
+            self._match_init(float(embed_norm))
+
+    def _match_init(self, target: float) -> None:
+        """Map_U/Map_V with zero bias and random weights scaled so the median token norm is ``target``.
+
+        The median is taken over the CF table the layer maps (Map_U sees e_u W_u, and W_u starts
+        near the identity), so the tokens start where the backbone's real tokens are.
+        """
+        g = torch.Generator().manual_seed(0)
+        for layer, table in ((self.map_u, self.cf_user), (self.map_v, self.cf_item)):
+            w = torch.randn(layer.weight.shape, generator=g, dtype=torch.float32)
+            median = float((table.float() @ w.T).norm(dim=1).median()) if table.numel() else 0.0
+            with torch.no_grad():
+                layer.weight.copy_(w * (target / median if median > 0 else 0.0))
+                layer.bias.zero_()
+
+    def token_norms(self, history: torch.Tensor, slot_row: torch.Tensor, slot_kind: torch.Tensor,
+                    slot_cf_id: torch.Tensor) -> dict[str, float]:
+        """Mean norm of the batch's user and item slot tokens, beside the backbone's median embedding norm."""
+        with torch.no_grad():
+            norms = self.slot_tokens(history, slot_row, slot_kind, slot_cf_id).float().norm(dim=-1)
+        out = {"embed_norm": float(self.embed_norm)}
+        for kind, name in ((USER_SLOT, "user"), (ITEM_SLOT, "item")):
+            sel = norms[slot_kind == kind]
+            if sel.numel():
+                out[f"slot_norm_{name}"] = float(sel.mean())
+        return out
 
     def pool_history(self, history: torch.Tensor) -> torch.Tensor:
         """p_u of eq. (1) for ``history [B, H]`` (-1 padded); an empty history gives zeros."""
@@ -77,6 +110,8 @@ class Bridge(nn.Module):
             tokens = tokens.index_put((user,), self.map_u(torch.bmm(e_u.unsqueeze(1), w_u).squeeze(1)))
         if item.numel():
             tokens = tokens.index_put((item,), self.map_v(self.cf_item[slot_cf_id[item]].to(dtype)))
+        if self.cfg.slot_scale == "normalize":
+            tokens = tokens * (self.embed_norm.to(dtype) / tokens.norm(dim=-1, keepdim=True).clamp(min=1e-6))
         return tokens
 
     def inject(self, embeds: torch.Tensor, history: torch.Tensor, slot_row: torch.Tensor, slot_pos: torch.Tensor,

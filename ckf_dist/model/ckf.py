@@ -26,6 +26,8 @@ from ckf_dist.model.config import ModelConfig
 from ckf_dist.model.multi_lora import LoraRouting, MultiLoraLinear, inject_multi_lora, multi_lora_layers
 
 MODES = ("two_stream", "joint")
+CURRICULA = ("loss", "lr", "none")
+LOSS_NORMS = ("token", "sample")
 
 
 def output_cache(output):
@@ -104,12 +106,15 @@ class CKFModel(nn.Module):
             raise ValueError(f"task_ids: values must be in [0, {self.n_tasks}), got min {lo}, max {hi}")
 
     # ------------------------------------------------------------------ objective
-    def stream_loss(self, batch: dict, stream: str, detach_lora: bool = False, denom: float | None = None):
-        """Mean CE over the answer tokens of one stream; also per-token losses and their task ids.
+    def stream_loss(self, batch: dict, stream: str, detach_lora: bool = False, denom: float | None = None,
+                    norm: str = "token"):
+        """CE over the answer tokens of one stream; also per-token losses and their task ids.
 
-        ``denom`` replaces the local token count as the divisor: a data-parallel trainer passes
-        (tokens of this micro-step on all ranks) / world_size, so that averaging the ranks'
-        gradients gives the mean over every token of the global batch, as one worker would.
+        ``norm="token"``: the mean over every answer token of the batch (long answers weigh more);
+        ``norm="sample"``: each row's mean over its own answer tokens, then the mean over rows.
+        ``denom`` replaces the local count (tokens, or rows with an answer) as the divisor: a
+        data-parallel trainer passes that count over all ranks / world_size, so that averaging
+        the ranks' gradients gives the mean over the global batch, as one worker would.
         """
         ids, mask = batch[f"{stream}_input_ids"], batch[f"{stream}_attention_mask"]
         labels = batch[f"{stream}_labels"]
@@ -121,29 +126,44 @@ class CKFModel(nn.Module):
         logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         token_loss = F.cross_entropy(logits, target[answer], reduction="none")
         rows = torch.arange(ids.shape[0], device=ids.device).view(-1, 1).expand_as(target)[answer]
-        loss = token_loss.sum() / (denom if denom is not None else max(token_loss.numel(), 1))
+        if norm == "sample":
+            per_row = answer.sum(1)
+            weighted = token_loss / per_row[rows].clamp(min=1).to(token_loss.dtype)
+            count = int((per_row > 0).sum())
+            loss = weighted.sum() / (denom if denom is not None else max(count, 1))
+        else:
+            loss = token_loss.sum() / (denom if denom is not None else max(token_loss.numel(), 1))
         return loss, token_loss.detach(), batch["task_ids"][rows]
 
     def loss(self, batch: dict, step: int, total_steps: int, mode: str = "two_stream",
-             denoms: dict[str, float] | None = None):
+             denoms: dict[str, float] | None = None, curriculum: str = "loss", norm: str = "token"):
         """The curriculum loss of eq. (6) and float stats (w, per-stream and per-task losses).
 
+        ``curriculum``: ``"loss"`` weighs the streams' losses by w(t) (eq. 6); ``"lr"`` adds them
+        unweighted, the trainer applying w(t) to the learning rates of the parameter groups
+        instead (Adam divides a loss weight out); ``"none"`` weighs both 0.5 at every step.
         ``denoms`` (``{"text": n, "cf": n}``, optional): per-stream divisors, see :meth:`stream_loss`.
         """
         denoms = denoms or {}
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if curriculum not in CURRICULA:
+            raise ValueError(f"curriculum: expected one of {CURRICULA}, got {curriculum!r}")
+        if norm not in LOSS_NORMS:
+            raise ValueError(f"norm: expected one of {LOSS_NORMS}, got {norm!r}")
         w = curriculum_weight(step, total_steps)
         stats: dict[str, float] = {"w": w}
-        l_text, tok, tid = self.stream_loss(batch, "text", denom=denoms.get("text"))
+        l_text, tok, tid = self.stream_loss(batch, "text", denom=denoms.get("text"), norm=norm)
         self._stream_stats(stats, "text", l_text, tok, tid)
         if self.bridge is None:                      # text-only CKF (ablation): no CF stream
             stats["loss"] = stats["loss_text"]
             return l_text, stats
-        l_cf, tok, tid = self.stream_loss(batch, "cf", detach_lora=(mode == "two_stream"), denom=denoms.get("cf"))
+        l_cf, tok, tid = self.stream_loss(batch, "cf", detach_lora=(mode == "two_stream"), denom=denoms.get("cf"),
+                                          norm=norm)
         self._stream_stats(stats, "cf", l_cf, tok, tid)
-        loss = w * l_text + (1.0 - w) * l_cf
-        stats["loss"] = w * stats["loss_text"] + (1.0 - w) * stats["loss_cf"]
+        a, b = {"loss": (w, 1.0 - w), "lr": (1.0, 1.0), "none": (0.5, 0.5)}[curriculum]
+        loss = a * l_text + b * l_cf
+        stats["loss"] = a * stats["loss_text"] + b * stats["loss_cf"]
         return loss, stats
 
     def _stream_stats(self, stats: dict, stream: str, loss, token_loss, token_task) -> None:
@@ -200,6 +220,16 @@ def _enable_checkpointing(backbone: nn.Module, routing: LoraRouting) -> None:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def embedding_norm(weight: torch.Tensor) -> float:
+    """Median L2 norm of a token-embedding table's rows (a frozen backbone's "real token" scale)."""
+    if hasattr(weight, "ds_id"):                      # ZeRO-3 partitioned: gather the table once
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight]):
+            return float(weight.detach().float().norm(dim=1).median())
+    return float(weight.detach().float().norm(dim=1).median())
+
+
 def build_ckf_model(cfg: ModelConfig, backbone: nn.Module, cf_user: torch.Tensor, cf_item: torch.Tensor,
                     n_tasks: int = 4) -> CKFModel:
     """The one ordered place: freeze backbone -> inject Multi-LoRA -> attach bridge -> checkpointing."""
@@ -217,7 +247,7 @@ def build_ckf_model(cfg: ModelConfig, backbone: nn.Module, cf_user: torch.Tensor
     inject_multi_lora(backbone, family, cfg.lora, n_tasks, routing)
     bridge = None                                                  # 3. attach the bridge
     if cfg.bridge.use_cf_slots:
-        bridge = Bridge(cf_user, cf_item, backbone.config.hidden_size, cfg.bridge)
+        bridge = Bridge(cf_user, cf_item, backbone.config.hidden_size, cfg.bridge, embedding_norm(embedding))
         bridge.to(device=embedding.device, dtype=embedding.dtype)
     if cfg.gradient_checkpointing:                                 # 4. activation checkpointing
         _enable_checkpointing(backbone, routing)

@@ -45,11 +45,18 @@ class BridgeConfig:
     meta_hidden: int = 32
     meta_activation: Literal["relu", "none"] = "relu"   # between MetaNet's two linear layers
     personalized: bool = True         # False: a shared (non-personalized) user mapping, for ablations
+    # scale of the injected slot tokens: "default" = nn.Linear's initialisation (tokens several
+    # times the norm of real token embeddings); "match" = Map_U/Map_V initialised so slot tokens
+    # start at the backbone's median embedding norm; "normalize" = "match", and every slot token
+    # is rescaled to that norm at each forward
+    slot_scale: Literal["default", "match", "normalize"] = "default"
     use_cf_slots: bool = True         # False: text-only CKF (ablation baseline)
 
     def validate(self) -> None:
         if self.meta_hidden < 1:
             raise ValueError(f"meta_hidden: must be >= 1, got {self.meta_hidden}")
+        if self.slot_scale not in ("default", "match", "normalize"):
+            raise ValueError(f"slot_scale: 'default', 'match' or 'normalize', got {self.slot_scale!r}")
 
 
 @dataclass

@@ -103,7 +103,7 @@ def _score_llm(model, stream: str, name: str, rows: dict[str, list], trows: dict
 
 
 def run_evaluate(cfg, run: str, out_dir: str | Path | None = None, progress: bool = True,
-                 compare: list[str] | tuple = ()) -> dict:
+                 compare: list[str] | tuple = (), compare_names: list[str] | None = None) -> dict:
     """Score every task's test rows with every method; print the table, write eval.json/.txt/.png."""
     from ckf_dist.data import load_cf_tables, load_interactions_table, read_dataset_manifest
     from ckf_dist.data.shards import check_fingerprint, dataset_fingerprint, read_dataset_file
@@ -159,10 +159,10 @@ def run_evaluate(cfg, run: str, out_dir: str | Path | None = None, progress: boo
         outputs["sequential"]["lm-prior"] = _score_llm(prior, "text", "lm-prior", seq_only, trows, ctx, cfg, progress,
                                                        timings)["sequential"]
         del prior
-    for other in compare:
+    for k, other in enumerate(compare):
         m2, _, meta2, _, _ = _load_run(cfg, other, progress, cf_user, cf_item)
         check_fingerprint(meta2.get("dataset_fingerprint"), manifest, url, f"run {meta2.get('run_name')!r} ({other})")
-        name = str(meta2.get("run_name") or Path(other).name)
+        name = compare_names[k] if compare_names else str(meta2.get("run_name") or Path(other).name)
         while any(name in outputs[t] for t in outputs):
             name += "'"
         stream = "cf" if m2.bridge is not None else "text"

@@ -34,6 +34,14 @@ class TrainConfig:
     epochs: float = 3.0
     max_steps: int = 0                 # > 0 caps the number of optimizer steps
     mode: Literal["two_stream", "joint"] = "two_stream"
+    # how w(t) acts: "loss" weighs the two streams' losses (eq. 6); "lr" multiplies the LoRA
+    # group's learning rate by w(t) and the bridge group's by 1 - w(t) (a loss weight is divided
+    # out by Adam); "none": both streams weigh 0.5 throughout (ablation)
+    curriculum: Literal["loss", "lr", "none"] = "loss"
+    lr_bridge: float = 0.0             # the bridge's learning rate; 0 = lr
+    loss_norm: Literal["token", "sample"] = "token"   # mean over answer tokens, or per sample then over samples
+    loss_eos: bool = True              # the answer's end-of-sequence token counts in the loss
+    group_norms: bool = True           # log per-group (lora, bridge) gradient and update norms every log step
     # Tasks are mixed within every batch in proportion to their rows: the split's shards hold
     # all tasks and the seeded shuffle buffer interleaves them (the paper's setting).
     task_sampler: Literal["proportional"] = "proportional"
@@ -59,6 +67,12 @@ class TrainConfig:
             raise ValueError("micro_batch_size: micro_batch_size and grad_accum must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.lr_bridge < 0:
+            raise ValueError(f"lr_bridge: must be >= 0 (0 = lr), got {self.lr_bridge}")
+        if self.curriculum not in ("loss", "lr", "none"):
+            raise ValueError(f"curriculum: 'loss', 'lr' or 'none', got {self.curriculum!r}")
+        if self.loss_norm not in ("token", "sample"):
+            raise ValueError(f"loss_norm: 'token' or 'sample', got {self.loss_norm!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if self.epochs <= 0 and self.max_steps <= 0:

@@ -40,6 +40,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def param_groups(model) -> dict[str, list]:
+    """The trainable parameters by optimizer group: ``lora`` (adapters) and ``bridge`` (when present)."""
+    groups: dict[str, list] = {"lora": [], "bridge": []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups["bridge" if name.startswith("bridge.") else "lora"].append(p)
+    return {g: ps for g, ps in groups.items() if ps}
+
+
+def mask_answer_eos(batch: dict, eos_id: int) -> dict:
+    """The batch with every end-of-sequence label ignored (``train.loss_eos: false``)."""
+    out = dict(batch)
+    for stream in STREAMS:
+        lab = batch[f"{stream}_labels"]
+        out[f"{stream}_labels"] = lab.masked_fill(lab == eos_id, IGNORE_INDEX)
+    return out
+
+
+def group_lr_lambda(group: str, total_steps: int, tcfg):
+    """The LR multiplier of one group: warm-up/decay, times w(t) (lora) or 1 - w(t) (bridge) under
+    ``train.curriculum: lr``."""
+    from ckf_dist.model import curriculum_weight
+
+    base = lr_lambda(total_steps, tcfg.warmup_ratio)
+    if tcfg.curriculum != "lr":
+        return base
+    if group == "lora":
+        return lambda step: base(step) * curriculum_weight(step, total_steps)
+    return lambda step: base(step) * (1.0 - curriculum_weight(step, total_steps))
+
+
 def lr_lambda(total_steps: int, warmup_ratio: float):
     """Linear warm-up over ``warmup_ratio`` of the steps, then linear decay to zero."""
     warmup = max(1, int(round(total_steps * warmup_ratio))) if warmup_ratio > 0 else 0
@@ -104,16 +135,21 @@ class Worker:
         # recorded in the manifest: the backbone was partitioned before any rank held all of it
         self.partitioned_at_load = any(hasattr(p, "ds_id") for p in backbone.parameters())
         self.pad_id = int(self.manifest["tokenizer"]["pad_id"])
+        self.eos_id = int(self.manifest["tokenizer"]["eos_id"])
         cf = load_cf_tables(cfg.data.output, manifest=self.manifest)
         model = build_ckf_model(cfg.model, backbone, torch.from_numpy(cf["user"]), torch.from_numpy(cf["item"]),
                                 n_tasks=N_TASKS)
         self.total_steps = self._total_steps()
-        params = [p for p in model.parameters() if p.requires_grad]
+        self.groups = param_groups(model)
+        params = [p for ps in self.groups.values() for p in ps]
         # fused: one kernel per step over the (ZeRO-flattened) fp32 partition instead of ~10
         # elementwise passes; torch has it on CPU and CUDA (docs/performance.md, "fused AdamW")
-        opt = torch.optim.AdamW(params, lr=tcfg.lr, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay, fused=True)
+        lrs = {"lora": tcfg.lr, "bridge": tcfg.lr_bridge or tcfg.lr}
+        opt = torch.optim.AdamW([{"params": ps, "lr": lrs[g], "name": g} for g, ps in self.groups.items()],
+                                lr=tcfg.lr, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay, fused=True)
         self._adamw = opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.total_steps, tcfg.warmup_ratio))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [group_lr_lambda(g, self.total_steps, tcfg)
+                                                        for g in self.groups])
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                     config=self.ds_config, model_parameters=params)
         self.device = self.engine.device
@@ -193,14 +229,45 @@ class Worker:
         dist.all_reduce(t)
         return {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
 
+    def group_grad_norms(self, stats: dict) -> dict[str, list]:
+        """Per-group gradient norms into ``stats``; returns the groups' parameters before the update.
+
+        After the boundary micro-batch's backward, before the step (ZeRO 1/2 assemble each
+        full gradient from the partitions: every rank calls this at the same steps).
+        """
+        from deepspeed.utils import safe_get_full_grad
+
+        before = {}
+        for g, ps in self.groups.items():
+            if any(hasattr(p, "ds_id") for p in ps):       # ZeRO-3: partitioned, not logged
+                continue
+            sq = 0.0
+            for p in ps:
+                grad = safe_get_full_grad(p)
+                if grad is not None:
+                    sq += float(grad.detach().float().square().sum())
+            stats[f"grad_norm/{g}"] = sq ** 0.5
+            before[g] = [p.detach().float().clone() for p in ps]
+        return before
+
+    def group_update_norms(self, stats: dict, before: dict[str, list]) -> None:
+        """The norm of each group's parameter change in the step just taken."""
+        for g, old in before.items():
+            sq = sum(float((p.detach().float() - o).square().sum()) for p, o in zip(self.groups[g], old))
+            stats[f"update_norm/{g}"] = sq ** 0.5
+
     def token_denominators(self, batch: dict) -> dict[str, float] | None:
-        """Per-stream divisors that make the ranks' averaged gradient a mean over all their tokens."""
+        """Per-stream divisors that make the ranks' averaged gradient a mean over all their tokens
+        (``train.loss_norm: sample``: over all their rows with an answer)."""
         if self.world == 1:
             return None
         import torch.distributed as dist
 
-        counts = torch.tensor([float((batch[f"{s}_labels"][:, 1:] != IGNORE_INDEX).sum()) for s in STREAMS],
-                              dtype=torch.float64)
+        def count(s):
+            answer = batch[f"{s}_labels"][:, 1:] != IGNORE_INDEX
+            return float(answer.any(1).sum() if self.cfg.train.loss_norm == "sample" else answer.sum())
+
+        counts = torch.tensor([count(s) for s in STREAMS], dtype=torch.float64)
         dist.all_reduce(counts)
         return {s: max(float(c), 1.0) / self.world for s, c in zip(STREAMS, counts.tolist())}
 
@@ -217,16 +284,29 @@ class Worker:
                 with open(self.sample_log, "a") as fh:
                     fh.write(dump_json({"step": self.step, "micro": micro, "rank": self.rank,
                                         "sample_ids": batch["sample_ids"].tolist()}) + "\n")
+            if not tcfg.loss_eos:
+                batch = mask_answer_eos(batch, self.eos_id)
             denoms = self.token_denominators(batch)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             loss, stats = engine.module.loss(batch, step=self.step, total_steps=self.total_steps, mode=tcfg.mode,
-                                             denoms=denoms)
+                                             denoms=denoms, curriculum=tcfg.curriculum, norm=tcfg.loss_norm)
+            bridge = engine.module.bridge
+            if bridge is not None and batch["slot_row"].numel():    # injected-token scale vs real tokens
+                stats.update(bridge.token_norms(batch["history"], batch["slot_row"], batch["slot_kind"],
+                                                batch["slot_cf_id"]))
             engine.backward(loss)
+            boundary = micro + 1 == tcfg.grad_accum
+            watch = boundary and tcfg.group_norms and (self.step + 1) % max(1, tcfg.log_every) == 0
+            norms: dict[str, float] = {}     # not averaged over micro-batches: one value per step
+            before = self.group_grad_norms(norms) if watch else None
             engine.step()          # DeepSpeed applies the update on the last micro-batch of the step
+            if before is not None:
+                self.group_update_norms(norms, before)
             seen += int(batch["task_ids"].numel())
             tokens += int(batch["text_attention_mask"].sum() + batch["cf_attention_mask"].sum())
             for k, v in stats.items():
                 acc[k] = acc.get(k, 0.0) + float(v) / tcfg.grad_accum
+            acc.update(norms)
             micro += 1
             if micro < tcfg.grad_accum:
                 continue
@@ -234,7 +314,10 @@ class Worker:
             self.step += 1
             acc.update(self.global_means(acc))
             dt = time.perf_counter() - t0
-            self.log.step(self.step, self.total_steps, acc, lr=engine.get_lr()[0],
+            lr_now = engine.get_lr()
+            if len(lr_now) > 1:
+                acc["lr_bridge"] = lr_now[1]
+            self.log.step(self.step, self.total_steps, acc, lr=lr_now[0],
                           samples_per_s=seen * self.world / dt, tokens_per_s=tokens * self.world / dt)
             acc, t0, seen, tokens = {}, time.perf_counter(), 0, 0
             if self.step % tcfg.save_every == 0 or self.step == self.total_steps:

@@ -192,3 +192,21 @@ def test_skip_policy_counts_every_reason(tmp_path):
 def test_every_record_bad_is_an_error_even_when_skipping(tmp_path):
     with pytest.raises(DataError, match="no usable interaction records"):
         _amazon(tmp_path, ["junk", "more junk"], policy="skip")
+
+
+def test_strict_record_types_are_bad_records(tmp_path):
+    lines = [_review("A"), _review(overall=True), _review(t=True), _review(user=["a", "b"]), _review(asin={"x": 1}),
+             _review(t=-5e18), _review(t=5e12), _review(user=7, asin=8), "[" * 200_000 + "]" * 200_000]
+    log = _amazon(tmp_path, lines, policy="skip")
+    assert log.users == ["A", "7"] and log.items == ["B1", "8"]
+    rep = log.bad.report()
+    assert rep["by_reason"] == {"bad_rating": 1, "bad_number": 1, "bad_id": 2, "timestamp_out_of_range": 2,
+                                "malformed_json": 1}
+    with pytest.raises(DataError, match=r"reviews_X\.json\.gz:2: field 'overall': not a number: True"):
+        _amazon(tmp_path, lines)
+    with pytest.raises(DataError, match=r":1: field 'reviewerID': expected a string or integer id, got list"):
+        _amazon(tmp_path, [_review(user=["a", "b"])])
+    with pytest.raises(DataError, match=r":1: JSON nested too deeply"):
+        _amazon(tmp_path, ["[" * 200_000 + "]" * 200_000])
+    with pytest.raises(DataError, match=r"field 'unixReviewTime': timestamp -5e\+18 is not Unix seconds"):
+        _amazon(tmp_path, [_review(t=-5e18)])

@@ -63,6 +63,9 @@ class TableBuilder:
 
     def rating(self, value, path: str, line: int, name: str) -> float | None:
         """``value`` as a float in the rating range, or None after reporting a bad record."""
+        if isinstance(value, (bool, list, dict)):          # JSON true is not 1, a list is not a number
+            self.bad.bad("bad_rating", f"{where(path, line, name)}: not a number: {value!r}")
+            return None
         try:
             r = float(value)
         except (TypeError, ValueError):
@@ -74,15 +77,33 @@ class TableBuilder:
         return r
 
     def number(self, value, path: str, line: int, name: str) -> float | None:
-        """``value`` as a finite float (timestamps), or None after reporting a bad record."""
-        try:
-            x = float(value)
-            if math.isfinite(x):
-                return x
-        except (TypeError, ValueError):
-            pass
+        """``value`` as a finite float, or None after reporting a bad record (booleans and lists are bad)."""
+        if not isinstance(value, (bool, list, dict)):
+            try:
+                x = float(value)
+                if math.isfinite(x):
+                    return x
+            except (TypeError, ValueError):
+                pass
         self.bad.bad("bad_number", f"{where(path, line, name)}: not a number: {value!r}")
         return None
+
+    def timestamp(self, value, path: str, line: int, name: str) -> float | None:
+        """``value`` as Unix seconds between 1970 and 2100, or None after reporting a bad record."""
+        x = self.number(value, path, line, name)
+        if x is not None and not 0.0 <= x <= MAX_TIMESTAMP:
+            self.bad.bad("timestamp_out_of_range", f"{where(path, line, name)}: timestamp {value!r} is not Unix "
+                                                   f"seconds between 1970 and 2100")
+            return None
+        return x
+
+    def identifier(self, value, path: str, line: int, name: str) -> str | None:
+        """A user or item id (a string or an integer), or None after reporting a bad record."""
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            self.bad.bad("bad_id", f"{where(path, line, name)}: expected a string or integer id, "
+                                   f"got {type(value).__name__} {str(value)[:40]!r}")
+            return None
+        return str(value)
 
     def add(self, user, item, rating: float, ts: float, review: str = "", summary: str = "") -> None:
         self.users.append(str(user))
@@ -103,6 +124,9 @@ class TableBuilder:
             titles=self.titles, reviews=self.reviews if self.with_text else None,
             summaries=self.summaries if self.with_text else None, files=self.files, bad=self.bad,
         )
+
+
+MAX_TIMESTAMP = 4102444800.0          # 2100-01-01 in Unix seconds
 
 
 def iter_lines(path: str, bad: BadRecords, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:

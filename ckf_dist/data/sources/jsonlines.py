@@ -24,6 +24,9 @@ def parse_record(text: str, path: str, lineno: int, bad: BadRecords, literal_fal
     """One line as a dict (JSON, or a Python literal when allowed), or None after reporting it."""
     try:
         obj = json.loads(text)
+    except RecursionError:
+        bad.bad("malformed_json", f"{where(path, lineno)}: JSON nested too deeply")
+        return None
     except json.JSONDecodeError as exc:
         obj = None
         if literal_fallback:
@@ -81,10 +84,13 @@ def _add_reviews(b, path: str, bad: BadRecords, literal: bool, fields: tuple[str
         rec = parse_record(text, path, lineno, bad, literal)
         if rec is None or not _required(rec, fields, path, lineno, bad):
             continue
+        u, i = b.identifier(rec[user], path, lineno, user), b.identifier(rec[item], path, lineno, item)
+        if u is None or i is None:
+            continue
         r = b.rating(rec[rating], path, lineno, rating)
         t = parse_time(rec[when], path, lineno)
         if r is not None and t is not None:
-            b.add(rec[user], rec[item], r, t, *(_text(rec.get(f)) for f in text_fields))
+            b.add(u, i, r, t, *(_text(rec.get(f)) for f in text_fields))
 
 
 def _add_titles(b, path: str, bad: BadRecords, literal: bool, id_field: str, title_field: str) -> None:
@@ -106,7 +112,7 @@ def read_amazon(path: str, meta_path: str, bad: BadRecords, year: int) -> Intera
     b = TableBuilder(f"amazon{year}", bad, with_text=True)
     b.files.append(reviews)
     _add_reviews(b, reviews, bad, literal, ("reviewerID", "asin", "overall", "unixReviewTime"), ("reviewText", "summary"),
-                 lambda v, path, line: b.number(v, path, line, "unixReviewTime"))
+                 lambda v, path, line: b.timestamp(v, path, line, "unixReviewTime"))
     meta = meta_path or _find_meta(path)
     if meta:
         _add_titles(b, meta, bad, literal, "asin", "title")

@@ -36,7 +36,7 @@ def _ratings(b: TableBuilder, path: str, sep: str, encoding: str = "latin-1", sk
             b.bad.bad("missing_field", f"{where(path, lineno, 'user_id' if not user else 'item_id')}: empty")
             continue
         r = b.rating(parts[2], path, lineno, "rating")
-        t = b.number(parts[3], path, lineno, "timestamp")
+        t = b.timestamp(parts[3], path, lineno, "timestamp")
         if r is not None and t is not None:
             b.add(user, item, r, t)
 
@@ -79,7 +79,7 @@ def read_movielens_embedded(folder: str, bad: BadRecords) -> Interactions:
         if parts is None:
             continue
         r = b.rating(parts[cols["rating"]], inter, lineno, "rating")
-        t = b.number(parts[cols["ts"]], inter, lineno, "timestamp")
+        t = b.timestamp(parts[cols["ts"]], inter, lineno, "timestamp")
         if r is not None and t is not None:
             b.add(parts[cols["user"]], parts[cols["item"]], r, t)
     icols = _header(item, {"item": "item_id", "title": "movie_title"})

@@ -57,7 +57,7 @@ def cmd_train(args) -> int:
 def cmd_consolidate(args) -> int:
     from ckf_dist.stages.consolidate import consolidate
 
-    out = consolidate(args.checkpoint, args.out, progress=not args.quiet)
+    out = consolidate(args.checkpoint, args.out, progress=not args.quiet, verify=args.verify)
     print(f"consolidated into {out}")
     return 0
 
@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("consolidate", help="committed checkpoint -> bridge.safetensors + one peft adapter per task")
     p.add_argument("checkpoint", help="checkpoint URL (a run folder picks its latest committed checkpoint)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--verify", action="store_true",
+                   help="sha256 every file of the checkpoint (ZeRO shards, resume state), not only those read")
     p.set_defaults(func=cmd_consolidate)
 
     p = sub.add_parser("evaluate", help="score the test split of every task; table vs baselines, JSON, PNG")

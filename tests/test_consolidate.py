@@ -130,6 +130,22 @@ def test_consolidate_errors(prepared_dataset, tmp_path):
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
 
 
+def test_consolidate_verify_hashes_files_it_does_not_read(prepared_dataset, tmp_path):
+    """A resume-only file corrupted at the same size passes a plain consolidation, not --verify."""
+    make_checkpoint(str(tmp_path / "ckpts"), prepared_dataset)
+    ckpt = tmp_path / "ckpts" / "ckpt-run" / "step_00000004"
+    state = ckpt / "state" / "rank_00000.json"
+    state.write_text(state.read_text().replace("0", "9"))      # same size, other bytes
+    consolidate(str(ckpt), tmp_path / "plain", progress=False)  # reads only the export: passes
+    with pytest.raises(CheckpointError, match=r"1 of \d+ files corrupt.*state/rank_00000.json: sha256"):
+        consolidate(str(ckpt), tmp_path / "deep", progress=False, verify=True)
+    assert not (tmp_path / "deep").exists()
+    cli = subprocess.run([sys.executable, "-m", "ckf_dist.cli", "--quiet", "consolidate", str(ckpt),
+                          "--out", str(tmp_path / "cli"), "--verify"], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    assert cli.stderr.count("\n") == 1 and "state/rank_00000.json" in cli.stderr
+
+
 def test_consolidate_backbone_mismatch(prepared_dataset, tmp_path):
     make_checkpoint(str(tmp_path / "ckpts"), prepared_dataset, config_backbone="tiny-gpt2")
     with pytest.raises(CheckpointError, match="backbone mismatch"):

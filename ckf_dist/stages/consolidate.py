@@ -10,7 +10,8 @@ Output folder::
 
 Only what is needed is read: the gathered 16-bit export when the checkpoint has one, else
 the ZeRO shards through DeepSpeed's own ``zero_to_fp32``. Every fetched file is sha256-checked
-against the manifest; every listed file must exist with its recorded size.
+against the manifest; every listed file must exist with its recorded size; ``--verify`` hashes
+every listed file (a shard corrupted at the same size is otherwise only found on resume).
 """
 
 from __future__ import annotations
@@ -120,8 +121,11 @@ def rebuild_model(model_cfg, state: dict[str, torch.Tensor], cf_user=None, cf_it
     return model.eval(), tokenizer
 
 
-def consolidate(ckpt_url: str, out_dir: str | Path, progress: bool = True) -> Path:
-    """Committed checkpoint (or run folder: its latest) -> bridge, per-task peft adapters, metadata. Returns out_dir."""
+def consolidate(ckpt_url: str, out_dir: str | Path, progress: bool = True, verify: bool = False) -> Path:
+    """Committed checkpoint (or run folder: its latest) -> bridge, per-task peft adapters, metadata. Returns out_dir.
+
+    ``verify`` hashes every file of the checkpoint first (ZeRO shards and resume state too, not
+    only the export it reads), so a checkpoint kept for resuming is known to be whole."""
     from safetensors.torch import save_file
 
     from ckf_dist.config import dump_config
@@ -130,7 +134,9 @@ def consolidate(ckpt_url: str, out_dir: str | Path, progress: bool = True) -> Pa
     ref = store.resolve_checkpoint(ckpt_url)
     log(progress, f"consolidate: {ref.url} (step {ref.step}/{ref.manifest.get('total_steps', '?')}, "
                    f"{len(ref.manifest.get('files', {}))} files)")
-    store.verify(ref)                                   # every listed file present with its size
+    checked = store.verify(ref, deep=verify, progress=progress)   # every listed file present with its size
+    if verify:
+        log(progress, f"  verified sha256 of all {checked} files [{time.perf_counter() - started:.1f}s]")
     out = Path(out_dir)
     local = Path(tempfile.mkdtemp(prefix="ckf-consolidate-"))
     try:

@@ -156,7 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ckf: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from ckf_dist.stages.failures import as_user_error
 
+        error = as_user_error(exc)
+        if error is None:
+            raise                                  # a bug: keep its traceback
+        print(f"ckf: error: {error}", file=sys.stderr)
+        return 2
 
 if __name__ == "__main__":
     sys.exit(main())

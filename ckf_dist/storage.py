@@ -27,6 +27,13 @@ from typing import Any
 from ckf_dist.errors import StorageError
 
 STORAGE_OPTIONS_ENV = "CKF_STORAGE_OPTIONS"
+# Seconds one storage request may wait for a connection or for data. A request that times out
+# (or cannot connect) is tried again by the storage library, STORAGE_ATTEMPTS times in all, so a
+# hung server fails an operation after about STORAGE_ATTEMPTS x the timeout instead of never.
+STORAGE_TIMEOUT_ENV = "CKF_STORAGE_TIMEOUT"
+DEFAULT_STORAGE_TIMEOUT = 60.0
+STORAGE_ATTEMPTS = 5        # s3fs's own retry count (S3FileSystem.retries); gcsfs gets the same
+_S3_RETRY_CONNECT = False
 # fsspec backends that ship separately: protocol -> what to install
 _BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 
@@ -46,6 +53,83 @@ def storage_options_from_env(extra: dict | None = None) -> dict:
     return opts
 
 
+def storage_timeout() -> float:
+    """The per-request timeout in seconds (``$CKF_STORAGE_TIMEOUT``, default 60)."""
+    raw = os.environ.get(STORAGE_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_STORAGE_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        raise StorageError(f"${STORAGE_TIMEOUT_ENV}: expected seconds, got {raw!r}") from None
+    if value <= 0:
+        raise StorageError(f"${STORAGE_TIMEOUT_ENV}: must be > 0 seconds, got {raw!r}")
+    return value
+
+
+def _with_timeouts(protocol: str, opts: dict) -> dict:
+    """Bounded waits for object stores from the libraries' own settings; a user's values are kept.
+
+    s3fs retries timed-out requests itself (``S3FileSystem.retries``, with backoff) and passes
+    ``config_kwargs`` to botocore's ``Config``: a connect and a read timeout, and one attempt per
+    s3fs try so the two retry loops do not multiply. A refused connection is made retryable too
+    (s3fs's ``add_retryable_error``). gcsfs takes ``timeout`` per request.
+    """
+    global _S3_RETRY_CONNECT
+    timeout = storage_timeout()
+    if protocol in ("s3", "s3a"):
+        if not _S3_RETRY_CONNECT:
+            try:
+                from botocore.exceptions import EndpointConnectionError
+                from s3fs.core import add_retryable_error
+                add_retryable_error(EndpointConnectionError)
+            except ImportError:
+                pass
+            _S3_RETRY_CONNECT = True
+        config = dict(opts.get("config_kwargs") or {})
+        config.setdefault("connect_timeout", min(timeout, 10.0))
+        config.setdefault("read_timeout", timeout)
+        config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+        opts = dict(opts, config_kwargs=config)
+    elif protocol in ("gs", "gcs"):
+        opts = dict(opts)
+        opts.setdefault("timeout", timeout)
+    return opts
+
+
+def storage_exceptions() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "storage failed" (network, timeouts, credentials, denials)."""
+    types: list[type[BaseException]] = [OSError, TimeoutError]
+    try:
+        import botocore.exceptions as bce
+        types += [bce.BotoCoreError, bce.ClientError]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+        types.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+@contextlib.contextmanager
+def guarded(url: str) -> Iterator[None]:
+    """Turn a storage failure inside the block into a :class:`StorageError` naming ``url``.
+
+    A missing file stays a ``FileNotFoundError`` (callers decide what absence means) and the
+    project's own errors pass through untouched.
+    """
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except StorageError:
+        raise
+    except storage_exceptions() as exc:
+        raise unreachable(url, exc) from None
+
+
 def is_local(url: str) -> bool:
     """A plain local path (no ``scheme://``)."""
     return "://" not in url
@@ -59,11 +143,16 @@ def open_url(url: str, storage_options: dict | None = None):
         raise StorageError("empty storage URL")
     target = os.path.abspath(os.path.expanduser(url)) if is_local(url) else url
     try:
-        fs, path = url_to_fs(target, **storage_options_from_env(storage_options))
+        protocol = "file" if is_local(url) else url.split("://", 1)[0]
+        fs, path = url_to_fs(target, **_with_timeouts(protocol, storage_options_from_env(storage_options)))
     except (ImportError, ValueError) as exc:
         protocol = url.split("://", 1)[0] if not is_local(url) else "file"
-        hint = (f"install {_BACKENDS[protocol]} (pip install {_BACKENDS[protocol]})" if protocol in _BACKENDS
-                else "is the filesystem's package (s3fs, gcsfs) installed?")
+        if protocol in _BACKENDS:
+            hint = f"install {_BACKENDS[protocol]} (pip install {_BACKENDS[protocol]})"
+        elif "not known" in str(exc):
+            hint = "use a local path or file://, s3://, gs://, memory:// (any protocol fsspec knows)"
+        else:
+            hint = "is the filesystem's package installed?"
         raise StorageError(f"{url}: cannot open this URL ({exc}); {hint}") from None
     return fs, path.rstrip("/") or path
 
@@ -92,8 +181,15 @@ def join(root: str, *parts: str) -> str:
 def unreachable(url: str, exc: BaseException) -> StorageError:
     """Wrap a storage failure (no such bucket, refused connection, denied) in an error naming the URL."""
     kind = type(exc).__name__
-    return StorageError(f"{url}: storage unreachable or denied ({kind}: {exc}); check the URL, the bucket, "
-                        f"the endpoint (AWS_ENDPOINT_URL) and credentials")
+    detail = " ".join(str(exc).split()) or kind
+    if "credential" in f"{kind} {detail}".lower():
+        hint = "set credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or GOOGLE_APPLICATION_CREDENTIALS)"
+    elif "timeout" in f"{kind} {detail}".lower():
+        hint = (f"the server did not answer within {storage_timeout():g}s x {STORAGE_ATTEMPTS} attempts "
+                f"(${STORAGE_TIMEOUT_ENV} sets the per-request timeout)")
+    else:
+        hint = "check the URL, the bucket, the endpoint (AWS_ENDPOINT_URL) and credentials"
+    return StorageError(f"{url}: storage unreachable or denied ({kind}: {detail}); {hint}")
 
 
 def exists(fs, path: str, url: str) -> bool:

@@ -68,6 +68,20 @@ def _ray_without_token_auth():
         yield
 
 
+def start_moto(log: Path) -> tuple[subprocess.Popen, str]:
+    """Start a moto S3 server on a free loopback port (output to ``log``); ``(process, endpoint URL)``."""
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_port(port, proc, log)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc, f"http://127.0.0.1:{port}"
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """Endpoint URL of a moto S3 server on 127.0.0.1, with the AWS_* environment set for the session.
@@ -75,14 +89,8 @@ def s3_server(tmp_path_factory):
     The server logs one line per request. Its output goes to a file, never to a pipe: a pipe
     nobody drains fills after a few hundred requests and the server then blocks mid-response,
     which the clients see as read timeouts."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
+    proc, endpoint = start_moto(tmp_path_factory.mktemp("moto") / "server.log")
     try:
-        _wait_for_port(port, proc, log)
         with pytest.MonkeyPatch.context() as mp:
             for k, v in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
                 mp.setenv(k, v)

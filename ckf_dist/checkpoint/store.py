@@ -30,7 +30,7 @@ from pathlib import Path
 import fsspec
 
 from ckf_dist.contract import CHECKPOINT_MANIFEST, COMMIT_MARKER
-from ckf_dist.storage import open_url, url_of
+from ckf_dist.storage import guarded, open_url, url_of
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 CHECKPOINT_SCHEMA = 1
@@ -106,27 +106,29 @@ def read_checkpoint_manifest(fs, ckpt_path: str) -> dict:
 def latest_committed(storage_url: str, run_name: str) -> CheckpointRef | None:
     """The newest committed checkpoint of a run, or None. Uncommitted folders are skipped."""
     fs, root = open_url(storage_url)
-    fs.invalidate_cache()
     run_path = posixpath.join(root, run_name)
-    for step, path in reversed(_list_step_dirs(fs, run_path)):
-        if fs.exists(posixpath.join(path, COMMIT_MARKER)):
-            return CheckpointRef(fs, path, step, read_checkpoint_manifest(fs, path))
+    with guarded(url_of(fs, run_path)):
+        fs.invalidate_cache()
+        for step, path in reversed(_list_step_dirs(fs, run_path)):
+            if fs.exists(posixpath.join(path, COMMIT_MARKER)):
+                return CheckpointRef(fs, path, step, read_checkpoint_manifest(fs, path))
     return None
 
 
 def resolve_checkpoint(url: str) -> CheckpointRef:
     """A checkpoint URL, or a run folder (its latest committed checkpoint), as a CheckpointRef."""
     fs, path = open_url(url)
-    fs.invalidate_cache()
-    if not fs.exists(path):
-        raise CheckpointError(f"{url}: not found")
-    m = STEP_DIR.match(posixpath.basename(path))
-    if m:
-        return CheckpointRef(fs, path, int(m.group(1)), read_checkpoint_manifest(fs, path))
-    steps = _list_step_dirs(fs, path)
-    for step, p in reversed(steps):
-        if fs.exists(posixpath.join(p, COMMIT_MARKER)):
-            return CheckpointRef(fs, p, step, read_checkpoint_manifest(fs, p))
+    with guarded(url):
+        fs.invalidate_cache()
+        if not fs.exists(path):
+            raise CheckpointError(f"{url}: not found")
+        m = STEP_DIR.match(posixpath.basename(path))
+        if m:
+            return CheckpointRef(fs, path, int(m.group(1)), read_checkpoint_manifest(fs, path))
+        steps = _list_step_dirs(fs, path)
+        for step, p in reversed(steps):
+            if fs.exists(posixpath.join(p, COMMIT_MARKER)):
+                return CheckpointRef(fs, p, step, read_checkpoint_manifest(fs, p))
     if steps:
         raise CheckpointError(f"{url}: {len(steps)} checkpoint folder(s) but none committed (no {COMMIT_MARKER} marker)")
     raise CheckpointError(f"{url}: neither a checkpoint (step_XXXXXXXX) nor a run folder holding one")
@@ -188,7 +190,8 @@ def fetch(ref: CheckpointRef, rel_paths: list[str], dest: str | Path, verify: bo
         out = dest / rel
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            ref.fs.get_file(src, str(out))
+            with guarded(f"{ref.url}/{rel}"):
+                ref.fs.get_file(src, str(out))
         except FileNotFoundError:
             raise CheckpointError(f"{ref.url}/{rel}: missing (listed in the manifest)") from None
         if verify:
@@ -208,6 +211,11 @@ def verify(ref: CheckpointRef, deep: bool = False, progress: bool = False) -> in
     """
     from ckf_dist.progress import bar
 
+    with guarded(ref.url):
+        return _verify(ref, deep, progress, bar)
+
+
+def _verify(ref: CheckpointRef, deep: bool, progress: bool, bar) -> int:
     ref.fs.invalidate_cache()
     files = ref.manifest.get("files", {})
     bad: list[str] = []

@@ -14,7 +14,7 @@ from ckf_dist.checkpoint import store
 from ckf_dist.config import CKFConfig, config_to_dict
 from ckf_dist.train.deepspeed_config import TrainError
 from ckf_dist.contract import DATASET_MANIFEST
-from ckf_dist.storage import is_local, open_url, pyarrow_filesystem
+from ckf_dist.storage import guarded, is_local, open_url, pyarrow_filesystem
 
 
 def _init_ray(cfg: CKFConfig) -> bool:
@@ -74,19 +74,82 @@ def absolute_paths(cfg: CKFConfig) -> CKFConfig:
 
 
 def _check_inputs(cfg: CKFConfig) -> None:
-    """Fail before starting workers when the dataset or storage is unusable."""
+    """Fail before starting workers when the dataset or storage is unusable (each a one-line error)."""
+    import json
+
+    from ckf_dist.data.stream import check_tokenizer
+    from ckf_dist.model.backbone import preflight_backbone
+
     fs, path = open_url(cfg.data.output)
-    try:
+    with guarded(f"data.output {cfg.data.output}"):
         ok = fs.exists(f"{path}/{DATASET_MANIFEST}")
-    except Exception as exc:  # unreachable bucket, bad credentials
-        raise TrainError(f"data.output {cfg.data.output}: cannot be read ({type(exc).__name__}: {exc})") from None
-    if not ok:
-        raise TrainError(f"data.output {cfg.data.output}: no manifest.json; run `ckf prepare` with this config first")
+        if not ok:
+            raise TrainError(f"data.output {cfg.data.output}: no manifest.json; run `ckf prepare` with this config first")
+        manifest = json.loads(fs.cat_file(f"{path}/{DATASET_MANIFEST}"))
+    check_tokenizer(manifest, preflight_backbone(cfg.model))    # backbone folder, family, tokenizer vs dataset
     sfs, spath = open_url(cfg.train.storage)
-    try:
+    probe = f"{spath}/{cfg.run_name}/.ckf-write-probe-{os.getpid()}"
+    with guarded(f"train.storage {cfg.train.storage} (not writable?)"):
         sfs.makedirs(f"{spath}/{cfg.run_name}", exist_ok=True)
-    except Exception as exc:
-        raise TrainError(f"train.storage {cfg.train.storage}: not writable ({type(exc).__name__}: {exc})") from None
+        sfs.pipe_file(probe, b"ok")             # object stores create nothing on makedirs: write for real
+        sfs.rm_file(probe)
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception a worker raised, out of Ray's wrappers (RayTaskError, WorkerGroupError, chains)."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        failures = getattr(exc, "worker_failures", None)              # ray.train.WorkerGroupError
+        if failures:
+            exc = failures[min(failures)]
+            continue
+        inner = getattr(exc, "controller_failure", None) or getattr(exc, "cause", None)   # ControllerError, RayTaskError
+        if isinstance(inner, BaseException):
+            exc = inner
+            continue
+        if exc.__cause__ is not None:
+            exc = exc.__cause__
+            continue
+        break
+    return exc
+
+
+def failure_message(exc: BaseException) -> str:
+    """One line for a failed run: the worker's own error (rank and message), not Ray's wrapper."""
+    from ckf_dist.errors import CKFError
+
+    failures = getattr(root_cause_holder(exc), "worker_failures", None) or {}
+    rank = f"rank {min(failures)}: " if failures else ""
+    cause = root_cause(exc)
+    text = " ".join(str(cause).split())
+    if not isinstance(cause, CKFError):
+        text = f"{type(cause).__name__}: {text}"
+    if len(text) > 600:
+        text = text[:600] + " ..."
+    return rank + text
+
+
+def root_cause_holder(exc: BaseException) -> BaseException:
+    """The first exception in the chain that carries Ray Train's per-rank failures (or ``exc``)."""
+    cur: BaseException | None = exc
+    while cur is not None:
+        if getattr(cur, "worker_failures", None):
+            return cur
+        cur = getattr(cur, "controller_failure", None) or cur.__cause__
+    return exc
+
+
+def _log_hint() -> str:
+    """Where the full worker logs are (the local Ray session's folder), as a suffix."""
+    try:
+        import ray
+
+        node = ray._private.worker.global_worker.node        # private, but the only way to the session path
+        logs = node.get_logs_dir_path() if node is not None else ""
+    except Exception:  # noqa: BLE001 - a hint only
+        logs = ""
+    return f" (full worker logs: {logs}/worker-*.err)" if logs else ""
 
 
 def run_train(cfg: CKFConfig, progress: bool = True) -> dict:
@@ -119,7 +182,8 @@ def run_train(cfg: CKFConfig, progress: bool = True) -> dict:
         try:
             trainer.fit()
         except Exception as exc:
-            raise TrainError(f"training run {cfg.run_name!r} failed: {exc}") from exc
+            raise TrainError(f"training run {cfg.run_name!r} failed: {failure_message(exc)}"
+                             f"{_log_hint()}") from exc
     finally:
         if started:
             ray.shutdown()

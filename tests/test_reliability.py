@@ -1,0 +1,123 @@
+"""Errors a user can act on: every storage or backbone problem is one line on stderr, quickly.
+
+Each case runs the ``ckf`` command in a fresh process, as a user would, and checks the exit
+status (2), that stderr is exactly one ``ckf: error:`` line without a traceback, that the line
+names what is wrong, and for the backbone checks that the driver refuses within seconds
+(before Ray or DeepSpeed start).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+
+from ckf_dist.config import dump_config
+
+CKF = str(Path(sys.executable).parent / "ckf")
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "CKF_STORAGE_OPTIONS"}
+    env.update(AWS_EC2_METADATA_DISABLED="true", **extra)     # never ask 169.254.169.254 for credentials
+    return env
+
+
+def _one_line_error(args: list[str], env: dict, timeout: float = 120) -> tuple[str, float]:
+    started = time.monotonic()
+    proc = subprocess.run([CKF, "--quiet", *args], capture_output=True, text=True, env=env, timeout=timeout)
+    took = time.monotonic() - started
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ckf: error: "), proc.stderr[-3000:]
+    return lines[0], took
+
+
+def test_consolidate_url_errors_are_one_line(tmp_path):
+    out = str(tmp_path / "out")
+    line, _ = _one_line_error(["consolidate", "foo://x/y", "--out", out], _env())
+    assert "foo://x/y" in line and "s3://" in line
+    if importlib.util.find_spec("gcsfs") is None:
+        line, _ = _one_line_error(["consolidate", "gs://bucket/run", "--out", out], _env())
+        assert "gs://bucket/run" in line and "pip install gcsfs" in line
+    dead = f"http://127.0.0.1:{free_port()}"                  # nothing listens there
+    line, took = _one_line_error(["consolidate", "s3://bucket/run", "--out", out],
+                                 _env(AWS_ENDPOINT_URL=dead, AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s"))
+    assert "s3://bucket/run" in line and "EndpointConnectionError" in line and dead in line
+    assert took < 60, took                                     # bounded retries, not a hang
+    line, _ = _one_line_error(["consolidate", "s3://bucket/run", "--out", out],
+                              _env(AWS_ENDPOINT_URL=dead, HOME=str(tmp_path / "home")))
+    assert "s3://bucket/run" in line and "NoCredentialsError" in line and "AWS_ACCESS_KEY_ID" in line
+    assert not Path(out).exists()
+
+
+def _config(tmp_path, dataset, **model) -> str:
+    from conftest import tiny_config
+
+    cfg = tiny_config(dataset.url)
+    cfg.model.backbone = model.get("backbone", "tiny-llama")
+    cfg.train.storage = model.get("storage", str(tmp_path / "ckpt"))
+    cfg.train.num_workers, cfg.train.max_steps = 1, 1
+    path = tmp_path / "run.yaml"
+    path.write_text(dump_config(cfg))
+    return str(path)
+
+
+def test_train_preflight_refuses_within_seconds(prepared_dataset, tmp_path):
+    """Backbone folder, family and storage are checked by the driver before Ray starts."""
+    opt = tmp_path / "opt-125m"
+    opt.mkdir()
+    (opt / "config.json").write_text(json.dumps({"model_type": "opt", "hidden_size": 64}))
+    line, took = _one_line_error(["train", _config(tmp_path, prepared_dataset, backbone=str(opt))], _env())
+    assert "'opt' is not registered" in line and "llama" in line
+    assert took < 10, f"an unknown family took {took:.1f}s to refuse"
+
+    missing = tmp_path / "no-such-model"
+    line, took = _one_line_error(["train", _config(tmp_path, prepared_dataset, backbone=str(missing))], _env())
+    assert str(missing) in line and "never downloaded" in line and took < 10
+
+    line, _ = _one_line_error(["train", _config(tmp_path, prepared_dataset, storage="foo://bucket/ckpt")], _env())
+    assert "foo://bucket/ckpt" in line
+
+
+def test_train_preflight_refuses_a_tokenizer_other_than_the_datasets(prepared_dataset, tmp_path):
+    """A local backbone folder whose tokenizer differs from the dataset's fails before Ray starts."""
+    from ckf_dist.model.backbone import tiny_backbone
+    from ckf_dist.resources import load_tokenizer
+
+    folder = tmp_path / "llama-other-tokenizer"
+    tiny_backbone("llama").save_pretrained(folder)
+    tok = load_tokenizer("smollm2")
+    tok.add_tokens(["<ckf-extra-token>"])
+    tok.save_pretrained(folder)
+    line, took = _one_line_error(["train", _config(tmp_path, prepared_dataset, backbone=str(folder))], _env())
+    assert "tokenizer mismatch" in line and took < 20
+
+
+@pytest.mark.parametrize("timeout", ["0", "soon"])
+def test_bad_storage_timeout_is_named(timeout, monkeypatch):
+    from ckf_dist.errors import StorageError
+    from ckf_dist.storage import open_url
+
+    monkeypatch.setenv("CKF_STORAGE_TIMEOUT", timeout)
+    with pytest.raises(StorageError, match="CKF_STORAGE_TIMEOUT"):
+        open_url("s3://bucket/x")
+
+
+def test_object_store_requests_get_timeouts_and_bounded_retries(monkeypatch):
+    from ckf_dist.storage import open_url
+
+    monkeypatch.setenv("CKF_STORAGE_TIMEOUT", "7")
+    monkeypatch.setenv("CKF_STORAGE_OPTIONS", json.dumps({"config_kwargs": {"connect_timeout": 3}}))
+    fs, _ = open_url("s3://bucket/x")
+    config = fs.config_kwargs if hasattr(fs, "config_kwargs") else fs.storage_options["config_kwargs"]
+    assert config["read_timeout"] == 7 and config["connect_timeout"] == 3          # the user's value is kept
+    assert config["retries"]["max_attempts"] == 1 and fs.retries >= 2               # one retry loop: s3fs's

@@ -87,3 +87,38 @@ def test_model_package_imports_without_deepspeed_or_ray():
             "assert 'deepspeed' not in [m for m in sys.modules if sys.modules[m] is not None]")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_converted_config_is_read_alike_by_transformers_4_and_5(tmp_path):
+    """transformers 4.x reads rope_theta (default 1e4), rope_scaling and torch_dtype; 5.x writes
+    rope_parameters and dtype. Our folders carry both, with the same values."""
+    import json
+
+    from transformers import AutoConfig
+
+    from ckf_dist.model.backbone import portable_config, smollm2_folder, write_portable_config
+
+    v5 = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "num_hidden_layers": 1, "intermediate_size": 128, "vocab_size": 100, "dtype": "float32",
+          "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
+    fixed = portable_config(v5)
+    assert fixed.get("rope_theta", 10000.0) == 100000.0          # what 4.x's LlamaConfig would read
+    assert fixed.get("rope_scaling") is None and fixed["torch_dtype"] == "float32"
+    scaled = portable_config(dict(v5, rope_parameters={"rope_theta": 5e5, "rope_type": "linear", "factor": 4.0}))
+    assert scaled["rope_theta"] == 5e5 and scaled["rope_scaling"] == {"rope_type": "linear", "type": "linear",
+                                                                       "factor": 4.0}
+    assert portable_config(fixed) == fixed                           # idempotent
+    (tmp_path / "config.json").write_text(json.dumps(v5))
+    base = AutoConfig.from_pretrained(tmp_path).to_dict()
+    assert write_portable_config(tmp_path / "config.json") and not write_portable_config(tmp_path / "config.json")
+    after = AutoConfig.from_pretrained(tmp_path).to_dict()          # transformers 5 reads the same config
+    assert {k: v for k, v in after.items() if k != "_name_or_path"} == {k: v for k, v in base.items()
+                                                                         if k != "_name_or_path"}
+    # a cache converted before the legacy keys existed is fixed in place, without converting again
+    cached = tmp_path / "cache" / "smollm2-135m-instruct"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text(json.dumps(v5))
+    (cached / "model.safetensors").write_bytes(b"not touched")
+    assert smollm2_folder(str(tmp_path / "cache")) == cached
+    assert json.loads((cached / "config.json").read_text())["rope_theta"] == 100000.0
+    assert (cached / "model.safetensors").read_bytes() == b"not touched"

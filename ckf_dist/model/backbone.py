@@ -156,7 +156,40 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         weights.pop("lm_head.weight", None)          # tied to the input embedding, re-tied at load
     with storage.atomic_dir(target, replace=False, validate=_check_backbone_folder) as tmp:
         plain.config.save_pretrained(tmp)
+        write_portable_config(tmp / "config.json")
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+
+def portable_config(conf: dict) -> dict:
+    """``config.json`` contents that every transformers version ``pyproject.toml`` allows reads alike.
+
+    transformers 5 writes RoPE as ``rope_parameters`` only and the dtype as ``dtype``; 4.x reads
+    ``rope_theta`` (default 1e4: SmolLM2's 1e5 would be lost, logits off silently), ``rope_scaling``
+    and ``torch_dtype``. The legacy keys are added with the same values; 5.x ignores or accepts them.
+    """
+    out = dict(conf)
+    rope = conf.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        out.setdefault("rope_theta", rope["rope_theta"])
+        if rope.get("rope_type", "default") != "default":
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+            out.setdefault("rope_scaling", dict(scaling, type=scaling["rope_type"]))
+    if "dtype" in conf:
+        out.setdefault("torch_dtype", conf["dtype"])
+    return out
+
+
+def write_portable_config(path: Path) -> bool:
+    """Add the legacy keys of :func:`portable_config` to a ``config.json`` in place; True when it changed."""
+    import json
+
+    conf = json.loads(path.read_text())
+    fixed = portable_config(conf)
+    if fixed == conf:
+        return False
+    with storage.atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(fixed, indent=2, sort_keys=True) + "\n")
+    return True
 
 
 def _check_backbone_folder(folder: Path) -> None:
@@ -170,15 +203,54 @@ def _check_backbone_folder(folder: Path) -> None:
 
 def smollm2_folder(cache: str = "") -> Path:
     """The cached safetensors folder of SmolLM2-135M-Instruct, converting the embedded GGUF on first use."""
+    import json
+
     target = resources.cache_dir(cache) / "smollm2-135m-instruct"
-    if (target / "config.json").is_file():
+    config = target / "config.json"
+    if config.is_file() and json.loads(config.read_text()) == portable_config(json.loads(config.read_text())):
         return target
     with storage.file_lock(target.with_name(target.name + ".lock")):   # one converter per machine
-        if not (target / "config.json").is_file():
+        if not config.is_file():
             started = time.time()
             _convert_gguf(resources.smollm2_gguf(), target)
             print(f"[ckf] converted SmolLM2 GGUF to {target} in {time.time() - started:.0f}s (one time)", flush=True)
+        elif write_portable_config(config):      # a cache converted before the legacy keys were written
+            print(f"[ckf] added transformers-4 keys (rope_theta, torch_dtype) to {config}", flush=True)
     return target
+
+
+def preflight_backbone(cfg: ModelConfig):
+    """Check ``model.backbone`` without loading weights; returns the tokenizer it will use.
+
+    Run by the driver before any worker starts, so a missing folder, an unregistered family
+    or a missing embedded model is a clear error in seconds rather than after the cluster and
+    DeepSpeed have started (each worker would otherwise fail the same way).
+    """
+    import json
+
+    from transformers import AutoTokenizer
+
+    name = cfg.backbone
+    if name in TINY_NAMES:
+        return resources.load_tokenizer("smollm2", cfg.cache_dir)
+    if name == "smollm2":
+        resources.smollm2_gguf()                           # the embedded model's package is installed
+        return resources.load_tokenizer("smollm2", cfg.cache_dir)
+    folder = Path(name)
+    if not (folder / "config.json").is_file():
+        raise BackboneNotFoundError(
+            f"model.backbone: {name!r} is not 'smollm2', not one of {sorted(TINY_NAMES)}, and not a local "
+            "folder with config.json (models are never downloaded; save one with save_pretrained first)")
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{folder / 'config.json'}: not readable JSON ({exc})") from None
+    if model_type not in FAMILIES:
+        raise ModelError(f"model.backbone {name!r}: family {model_type!r} is not registered; supported: "
+                         f"{sorted(FAMILIES)} (add a row to ckf_dist.model.backbone.FAMILIES: its q/k/v/o module names)")
+    if (folder / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(folder)
+    return resources.load_tokenizer("smollm2", cfg.cache_dir)
 
 
 def load_backbone(cfg: ModelConfig, zero3_config: dict | None = None):

@@ -83,7 +83,18 @@ def interactions_table(proto: Protocol) -> bytes:
 
 
 def run_prepare(cfg, overwrite: bool = False, progress: bool = True) -> dict:
-    """Turn the configured log into a prepared dataset at ``cfg.data.output``; returns the manifest."""
+    """Turn the configured log into a prepared dataset at ``cfg.data.output``; returns the manifest.
+
+    The folder is leased for the whole run (:class:`ckf_dist.lease.Lease`): a second ``ckf prepare``
+    into it is refused before it touches anything, with the holder named."""
+    from ckf_dist.lease import Lease
+
+    preflight(cfg.data.output, overwrite)          # reachable, no finished dataset: before taking the lease
+    with Lease(cfg.data.output, "ckf prepare") as lease:
+        return _prepare(cfg, overwrite, progress, lease)
+
+
+def _prepare(cfg, overwrite: bool, progress: bool, lease) -> dict:
     from safetensors.numpy import save as save_safetensors
 
     d = cfg.data
@@ -129,6 +140,7 @@ def run_prepare(cfg, overwrite: bool = False, progress: bool = True) -> dict:
         "protocol": st,
         "files": files,
     }
+    lease.check()                                  # still ours: nobody took the folder over meanwhile
     manifest = writer.commit(manifest)
     if progress:
         print("  samples per split and task:")

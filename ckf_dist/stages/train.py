@@ -153,15 +153,66 @@ def _log_hint() -> str:
 
 
 def run_train(cfg: CKFConfig, progress: bool = True) -> dict:
-    """Train with ``cfg.train.num_workers`` Ray workers; returns the committed checkpoint URL."""
+    """Train with ``cfg.train.num_workers`` Ray workers; returns the committed checkpoint URL.
+
+    The driver checks its inputs, then holds a lease on ``<train.storage>/<run_name>`` for the
+    whole run (a second ``ckf train`` of the run is refused, naming the holder) and refuses a
+    resume under a config that differs from the checkpoint's (:func:`check_resume`)."""
+    from ckf_dist.lease import Lease
+
+    cfg = absolute_paths(cfg)
+    _check_inputs(cfg)
+    with Lease(f"{cfg.train.storage.rstrip('/')}/{cfg.run_name}", "ckf train") as lease:
+        check_resume(cfg)
+        result = _fit(cfg)
+        lease.check()
+    return result
+
+
+def check_resume(cfg: CKFConfig) -> None:
+    """Refuse to resume a run under a config that differs from its checkpoint's where it matters.
+
+    The saved engine, scheduler and data cursor win on resume, so a changed learning rate or
+    batch would be silently ignored; a changed model or dataset would not even load. Fields that
+    are safe to change (how long, how often to save or log, where to reach the cluster) pass.
+    """
+    from ckf_dist.config import config_from_dict
+
+    ref = store.latest_committed(cfg.train.storage, cfg.run_name)
+    if ref is None or "config" not in ref.manifest:
+        return
+    saved = config_to_dict(config_from_dict(ref.manifest["config"], f"{ref.url}/manifest.json"))
+    diffs = [f"{key}: {old!r} -> {new!r}" for key, old, new in _differences(saved, config_to_dict(cfg))
+             if not key.startswith(RESUME_FREE)]
+    if diffs:
+        raise TrainError(f"run {cfg.run_name!r} resumes from {ref.url}, whose config differs in "
+                         f"{len(diffs)} field(s) that the resume cannot honour: {'; '.join(diffs[:6])}"
+                         f"{' ...' if len(diffs) > 6 else ''}; use the checkpoint's values or a new run_name")
+
+
+# Config fields a resumed run may change: its length, saving, logging, cluster and evaluation settings.
+RESUME_FREE = ("run_name", "train.max_steps", "train.save_every", "train.num_to_keep", "train.log_every",
+               "train.log_dir", "train.address", "train.forward_env", "train.max_failures", "train.storage",
+               "train.group_norms", "data.output", "model.cache_dir", "eval.", "study.")
+
+
+def _differences(a: dict, b: dict, prefix: str = ""):
+    for key in sorted(set(a) | set(b)):
+        left, right = a.get(key), b.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(left, dict) and isinstance(right, dict):
+            yield from _differences(left, right, name + ".")
+        elif left != right:
+            yield name, left, right
+
+
+def _fit(cfg: CKFConfig) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ckf_dist.train.worker import train_loop_per_worker
 
-    cfg = absolute_paths(cfg)
-    _check_inputs(cfg)
     tcfg = cfg.train
     started = _init_ray(cfg)
     try:

@@ -1,0 +1,110 @@
+"""Writer leases (one prepare per dataset folder, one train per run) and the resume-config check."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_checkpoint, tiny_config
+
+from ckf_dist.config import config_from_dict, dump_config
+from ckf_dist.errors import StorageError, TrainError
+from ckf_dist.lease import Lease
+
+
+def test_second_writer_is_refused_with_the_holder_named(tmp_path):
+    folder = str(tmp_path / "ds")
+    with Lease(folder, "ckf prepare"):
+        lease_file = tmp_path / ".ds.ckf-lease"
+        assert json.loads(lease_file.read_text())["pid"] == os.getpid()
+        with pytest.raises(StorageError, match=rf"locked by another ckf prepare \(host .*, pid {os.getpid()}"):
+            Lease(folder, "ckf prepare").acquire()
+    assert not lease_file.exists()                                # released
+    with Lease(folder, "ckf prepare"):                            # free again
+        pass
+
+
+def test_stale_leases_are_taken_over(tmp_path):
+    folder = str(tmp_path / "run")
+    lease_file = tmp_path / ".run.ckf-lease"
+    lease_file.write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "old", "expires": time.time() - 1}))
+    with Lease(folder, "ckf train"):                              # expired
+        pass
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    lease_file.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "token": "old",
+                                      "expires": time.time() + 600}))
+    with Lease(folder, "ckf train"):                              # same host, its process is gone
+        pass
+    lease_file.write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "old", "expires": time.time() + 600}))
+    with pytest.raises(StorageError, match="host elsewhere"):      # live on another host: refused
+        Lease(folder, "ckf train").acquire()
+
+
+def test_a_lease_taken_over_stops_the_commit(tmp_path):
+    lease = Lease(str(tmp_path / "ds"), "ckf prepare", ttl=0.6).acquire()
+    try:
+        (tmp_path / ".ds.ckf-lease").write_text(json.dumps({"token": "intruder", "expires": time.time() + 60}))
+        deadline = time.time() + 5
+        while not lease.lost and time.time() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(StorageError, match="taken by another ckf prepare; not committing"):
+            lease.check()
+    finally:
+        lease.release()
+    assert json.loads((tmp_path / ".ds.ckf-lease").read_text())["token"] == "intruder"   # not ours to delete
+
+
+def test_lease_on_object_storage(s3_url):
+    with Lease(f"{s3_url}/runs/r1", "ckf train"):
+        with pytest.raises(StorageError, match="locked by another ckf train"):
+            Lease(f"{s3_url}/runs/r1", "ckf train").acquire()
+        with Lease(f"{s3_url}/runs/r2", "ckf train"):              # another run is independent
+            pass
+
+
+def test_concurrent_prepare_into_one_folder_is_refused_and_nothing_is_corrupted(tmp_path):
+    from ckf_dist.data.shards import read_dataset_manifest
+    from ckf_dist.data.stream import ShardStream
+    from ckf_dist.stages.prepare import run_prepare
+
+    out = tmp_path / "ds"
+    cfg = tiny_config(str(out))
+    cfg.cf.epochs, cfg.cf.patience = 200, 200                     # a few seconds of CF training: time to collide
+    config = tmp_path / "prep.yaml"
+    config.write_text(dump_config(cfg))
+    first = subprocess.Popen([str(Path(sys.executable).parent / "ckf"), "--quiet", "prepare", str(config)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lease_file = tmp_path / ".ds.ckf-lease"
+    deadline = time.time() + 120
+    while not lease_file.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert lease_file.exists(), first.communicate()[0][-3000:]
+    with pytest.raises(StorageError, match=rf"{out}: locked by another ckf prepare"):
+        run_prepare(cfg, progress=False)
+    output = first.communicate(timeout=300)[0]
+    assert first.returncode == 0, output[-3000:]
+    manifest = read_dataset_manifest(str(out))[0]
+    rows = sum(1 for _ in ShardStream(str(out), "train", shuffle_buffer=1, prefetch=0, drop_remainder=False))
+    assert rows == sum(manifest["counts"]["train"].values())      # every shard read back with its sha256
+    assert not lease_file.exists()
+
+
+def test_resume_refuses_a_config_that_differs_where_it_matters(prepared_dataset, tmp_path):
+    from ckf_dist.stages.train import check_resume
+
+    ref, _ = make_checkpoint(str(tmp_path / "ckpts"), prepared_dataset, run="resume-run")
+    cfg = config_from_dict(ref.manifest["config"], "<saved>")
+    cfg.train.storage = str(tmp_path / "ckpts")
+    check_resume(cfg)                                             # the same config resumes
+    cfg.train.max_steps, cfg.train.save_every = 999, 7           # longer, saved more often: fine
+    check_resume(cfg)
+    cfg.train.lr, cfg.model.lora.r = cfg.train.lr * 10, cfg.model.lora.r * 2
+    with pytest.raises(TrainError, match=r"differs in 2 field\(s\).*model.lora.r: .*train.lr: "):
+        check_resume(cfg)

@@ -65,3 +65,26 @@ def test_study_refuses_variants_that_change_the_dataset(prepared_dataset, tmp_pa
         run_study(cfg, progress=False)
     with pytest.raises(ConfigError, match="reference"):
         _study_cfg(prepared_dataset.url, tmp_path, {"a": []})
+
+
+def test_results_table_signs_differences_and_states_undefined_metrics():
+    """Not a Ray test: the markdown of a hand-made report (variant - ckf, paired; undefined UAUC named)."""
+    from ckf_dist.stages.study import results_markdown
+
+    cell = lambda v, lo, hi: {"value": v, "lo": lo, "hi": hi}   # noqa: E731
+    report = {
+        "run_name": "r", "dataset": "d", "users_per_task": 0,
+        "results": {"ctr": {
+            "ckf": {"all": {"n": 50, "auc": cell(0.6, 0.5, 0.7), "uauc": cell(None, None, None),
+                            "uauc_undefined": "each user has one ctr test row"}},
+            "text-only": {"all": {"n": 50, "auc": cell(0.55, 0.45, 0.65), "uauc": cell(None, None, None)}}}},
+        "diffs": {"ctr": {"all": {"ckf - text-only": {"auc": {"value": 0.05, "lo": 0.01, "hi": 0.09,
+                                                                "excludes_zero": True}}}}},
+    }
+    state = {"variants": {"ckf": {"overrides": [], "seconds": 1.0},
+                          "text-only": {"overrides": ["model.bridge.use_cf_slots=false"], "seconds": 2.0}}}
+    md = results_markdown(report, "ckf", state)
+    assert "every test user" in md and "### ctr auc (n = 50)" in md
+    assert "| text-only | 0.550 [0.450, 0.650] | -0.050 [-0.090, -0.010] * |" in md     # text-only - ckf
+    assert "### ctr uauc: undefined\n\neach user has one ctr test row" in md
+    assert "| ckf | - | - |" not in md.split("uauc")[1]

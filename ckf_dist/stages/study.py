@@ -114,13 +114,19 @@ def results_markdown(report: dict, reference: str, state: dict) -> str:
 
     rep = json_safe(report)
     metrics = {"ctr": ["auc", "uauc"], "sequential": ["hr@1", "ndcg@5"], "rating": ["rmse"], "review": ["rougeL"]}
+    rows = (f"a sample of {rep['users_per_task']} test users per task" if rep.get("users_per_task")
+            else "every test user")
     lines = [f"Study of `{rep.get('run_name')}` on `{rep.get('dataset')}`: every variant on the same test rows "
-             f"(all users; {'a sample of ' + str(rep['users_per_task']) + ' users per task' if rep.get('users_per_task') else 'every test user'}), "
-             f"95% bootstrap intervals over users, paired differences vs `{reference}` (shown as `ckf`); "
-             "`*` = the paired interval excludes 0.", ""]
+             f"({rows}), "
+             f"95% bootstrap intervals over users; the last column is variant minus `ckf` (the reference "
+             f"variant `{reference}`), paired over the same users; `*` = the paired interval excludes 0.", ""]
     for task, by_method in rep["results"].items():
         for metric in metrics.get(task, []):
-            if not any((by_method[m].get("all") or {}).get(metric) for m in by_method):
+            cells = [(by_method[m].get("all") or {}) for m in by_method]
+            if not any((c.get(metric) or {}).get("value") is not None for c in cells):
+                reason = next((c.get(f"{metric}_undefined") for c in cells if c.get(f"{metric}_undefined")), None)
+                if reason:
+                    lines += [f"### {task} {metric}: undefined", "", reason, ""]
                 continue
             n = next((by_method[m]["all"].get("n") for m in by_method if "all" in by_method[m]), "-")
             lines += [f"### {task} {metric} (n = {n})", "", f"| variant | {metric} | vs ckf (paired) |", "|---|---|---|"]

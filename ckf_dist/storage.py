@@ -38,6 +38,59 @@ _S3_RETRY_CONNECT = False
 _BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 
 
+def _drop_expect_continue() -> None:
+    """Stop botocore from sending ``Expect: 100-continue`` with uploads (process-wide, idempotent).
+
+    aiobotocore then waits for the server's ``100 Continue`` with no timeout at all, so an upload
+    to a server that accepted the connection but hangs waits forever, whatever the read timeout.
+    Without the header the body is sent at once and the read timeout bounds the wait.
+    """
+    try:
+        import botocore.handlers as handlers
+    except ImportError:
+        return
+    handlers.BUILTIN_HANDLERS[:] = [h for h in handlers.BUILTIN_HANDLERS
+                                    if not (len(h) > 1 and h[1] is handlers.add_expect_header)]
+
+
+def _s3_class():
+    """s3fs's filesystem with :func:`_drop_expect_continue` applied in every process that uses it.
+
+    Registered for ``s3://`` and ``s3a://``: an instance pickled to a Ray worker or Ray Train's
+    controller (the checkpoint upload filesystem) imports this module when it is rebuilt there,
+    so the fix reaches processes that never import ckf_dist themselves.
+    """
+    from s3fs import S3FileSystem as Base
+
+    class BoundedS3FileSystem(Base):
+        async def set_session(self, refresh=False, kwargs={}):   # noqa: B006 - s3fs's signature
+            _drop_expect_continue()
+            return await super().set_session(refresh=refresh, kwargs=kwargs)
+
+    BoundedS3FileSystem.__module__, BoundedS3FileSystem.__qualname__ = __name__, "BoundedS3FileSystem"
+    return BoundedS3FileSystem
+
+
+def __getattr__(name: str):
+    if name == "BoundedS3FileSystem":       # built on first use (s3fs is imported only when needed)
+        cls = _s3_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
+
+
+def _register_s3() -> None:
+    try:
+        import fsspec
+        for protocol in ("s3", "s3a"):
+            fsspec.register_implementation(protocol, f"{__name__}.BoundedS3FileSystem", clobber=True)
+    except ImportError:
+        pass
+
+
+_register_s3()
+
+
 def storage_options_from_env(extra: dict | None = None) -> dict:
     """Storage options from ``$CKF_STORAGE_OPTIONS`` (JSON) updated with ``extra``."""
     opts: dict[str, Any] = {}

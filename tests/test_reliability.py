@@ -8,6 +8,7 @@ names what is wrong, and for the backbone checks that the driver refuses within 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -95,7 +96,7 @@ def test_train_preflight_refuses_a_tokenizer_other_than_the_datasets(prepared_da
 
     folder = tmp_path / "llama-other-tokenizer"
     tiny_backbone("llama").save_pretrained(folder)
-    tok = load_tokenizer("smollm2")
+    tok = copy.deepcopy(load_tokenizer("smollm2"))              # the loader's instance is shared (cached)
     tok.add_tokens(["<ckf-extra-token>"])
     tok.save_pretrained(folder)
     line, took = _one_line_error(["train", _config(tmp_path, prepared_dataset, backbone=str(folder))], _env())
@@ -121,3 +122,36 @@ def test_object_store_requests_get_timeouts_and_bounded_retries(monkeypatch):
     config = fs.config_kwargs if hasattr(fs, "config_kwargs") else fs.storage_options["config_kwargs"]
     assert config["read_timeout"] == 7 and config["connect_timeout"] == 3          # the user's value is kept
     assert config["retries"]["max_attempts"] == 1 and fs.retries >= 2               # one retry loop: s3fs's
+
+
+def test_uploads_to_a_hung_server_time_out(tmp_path, monkeypatch):
+    """A server that accepts connections and never answers (SIGSTOP): reads and uploads both fail
+    within the timeout x s3fs's retries. Uploads used to wait forever on botocore's
+    ``Expect: 100-continue``, which aiobotocore awaits without any timeout."""
+    import signal
+
+    import boto3
+    from conftest import start_moto
+
+    from ckf_dist.storage import open_url
+
+    proc, endpoint = start_moto(tmp_path / "moto.log")
+    try:
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="k",
+                     aws_secret_access_key="s").create_bucket(Bucket="hung")
+        monkeypatch.setenv("CKF_STORAGE_TIMEOUT", "1")
+        monkeypatch.setenv("CKF_STORAGE_OPTIONS", json.dumps({"endpoint_url": endpoint, "key": "k", "secret": "s"}))
+        fs, _ = open_url("s3://hung/x")
+        fs.pipe_file("hung/x", b"before")
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            for op in (lambda: fs.cat_file("hung/x"), lambda: fs.pipe_file("hung/y", b"after" * 100)):
+                started = time.monotonic()
+                with pytest.raises(Exception, match="(?i)timeout"):
+                    op()
+                assert time.monotonic() - started < 60
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)

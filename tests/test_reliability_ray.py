@@ -1,0 +1,84 @@
+"""Storage that hangs: a stopped S3 server during a save ends the run in bounded time.
+
+``ckf train`` (1 worker, tiny model) checkpoints every 10 steps to a private moto server. Once
+step 10 is committed the server is frozen with SIGSTOP, so the step-20 save finds a server
+that accepts connections and never answers, the way a hung endpoint behaves. With
+``CKF_STORAGE_TIMEOUT=1`` every request gives up after 1 s and s3fs's bounded retries (Ray
+retries the upload, its controller then fails writing its own snapshot); the run must end with
+one clear last line naming the URL that timed out, and step 10 must stay committed and whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import S3_ENV, start_moto, tiny_config
+
+from ckf_dist.checkpoint import store
+from ckf_dist.config import dump_config
+
+pytest.importorskip("ray")
+pytestmark = [pytest.mark.timeout(900), pytest.mark.ray]
+
+
+def test_stopped_s3_server_during_a_save_fails_the_run_and_keeps_the_last_commit(prepared_dataset, tmp_path, monkeypatch):
+    import boto3
+
+    proc, endpoint = start_moto(tmp_path / "moto.log")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k not in ("RAY_ADDRESS", "CKF_FAULT")}
+    env.update(S3_ENV, AWS_ENDPOINT_URL=endpoint, AWS_EC2_METADATA_DISABLED="true", CKF_STORAGE_TIMEOUT="1")
+    try:
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+        s3.create_bucket(Bucket="hang")
+        cfg = tiny_config(prepared_dataset.url)
+        cfg.run_name, cfg.model.backbone = "hang", "tiny-llama"
+        t = cfg.train
+        t.storage, t.num_workers, t.max_steps, t.save_every, t.num_to_keep = "s3://hang/ckpt", 1, 400, 10, 5
+        t.max_failures, t.micro_batch_size, t.export_dtype = 0, 2, "float32"
+        config = tmp_path / "hang.yaml"
+        config.write_text(dump_config(cfg))
+        train = subprocess.Popen([str(Path(sys.executable).parent / "ckf"), "train", str(config)], env=env,
+                                 stdout=open(tmp_path / "train.out", "w"), stderr=open(tmp_path / "train.err", "w"))
+        marker = f"ckpt/hang/{store.step_dir_name(10)}/{store.COMMIT_MARKER}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and train.poll() is None:
+            if s3.list_objects_v2(Bucket="hang", Prefix=marker).get("KeyCount"):
+                break
+            time.sleep(0.2)
+        assert train.poll() is None, (tmp_path / "train.err").read_text()[-3000:]
+        assert time.monotonic() < deadline, "step 10 was never committed"
+        os.kill(proc.pid, signal.SIGSTOP)                     # the server hangs from here on
+        stopped = time.monotonic()
+        try:
+            rc = train.wait(timeout=420)
+        except subprocess.TimeoutExpired:
+            train.kill()
+            pytest.fail("the run did not end within 420 s of the storage hanging")
+        took = time.monotonic() - stopped
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    try:
+        err = (tmp_path / "train.err").read_text()
+        assert rc == 2, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("ckf: error: training run 'hang' failed"), err[-3000:]
+        assert "timeout" in last.lower() and endpoint.split("//")[1] in last, last
+        assert took < 300, f"{took:.0f}s from the hang to the error"
+        # the storage options name this server, so no cached client of another test's server is reused
+        monkeypatch.setenv("CKF_STORAGE_OPTIONS", json.dumps({"endpoint_url": endpoint, "key": "testing",
+                                                              "secret": "testing"}))
+        ref = store.latest_committed("s3://hang/ckpt", "hang")
+        assert ref is not None and ref.step == 10, ref                 # the last commit stays the newest
+        store.verify(ref, deep=True)                                    # and whole
+        print(f"hang -> error in {took:.1f}s")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

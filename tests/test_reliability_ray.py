@@ -82,3 +82,42 @@ def test_stopped_s3_server_during_a_save_fails_the_run_and_keeps_the_last_commit
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_killing_the_driver_stops_its_workers_and_agents(prepared_dataset, tmp_path):
+    """SIGKILL of `ckf train` mid-run: every Ray process it started is gone within seconds (the
+    reaper), and no checkpoint is committed after the kill."""
+    from ckf_dist.reaper import ray_descendants, start_time
+
+    cfg = tiny_config(prepared_dataset.url)
+    cfg.run_name, cfg.model.backbone = "orphans", "tiny-llama"
+    t = cfg.train
+    t.storage, t.num_workers, t.max_steps, t.save_every, t.micro_batch_size = str(tmp_path / "ckpt"), 1, 2000, 5, 2
+    config = tmp_path / "orphans.yaml"
+    config.write_text(dump_config(cfg))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CKF_FAULT")}
+    out = tmp_path / "train.out"
+    train = subprocess.Popen([str(Path(sys.executable).parent / "ckf"), "train", str(config)], env=env,
+                             stdout=open(out, "w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while "[ckf] step 6/" not in out.read_text() and train.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert train.poll() is None and "[ckf] step 6/" in out.read_text(), out.read_text()[-3000:]
+        procs = ray_descendants(train.pid)
+        assert len(procs) >= 4, procs              # gcs, raylet, agents, the controller and the worker
+        os.kill(train.pid, signal.SIGKILL)
+        train.wait(timeout=10)
+        committed = sorted(p.parent.name for p in (tmp_path / "ckpt" / "orphans").glob("step_*/COMMITTED"))
+        deadline = time.monotonic() + 60
+        alive = list(procs)
+        while alive and time.monotonic() < deadline:
+            alive = [p for p in alive if start_time(p) == procs[p]]        # the same process, still there
+            time.sleep(0.5)
+        assert not alive, f"still running 60 s after the driver died: {alive}"
+        time.sleep(3)
+        after = sorted(p.parent.name for p in (tmp_path / "ckpt" / "orphans").glob("step_*/COMMITTED"))
+        assert after == committed                   # nothing committed once the driver is gone
+    finally:
+        if train.poll() is None:
+            train.kill()

@@ -17,12 +17,15 @@ from ckf_dist.contract import DATASET_MANIFEST
 from ckf_dist.storage import guarded, is_local, open_url, pyarrow_filesystem
 
 
-def _init_ray(cfg: CKFConfig) -> bool:
-    """Start or join Ray; returns True when this call started it (and should shut it down)."""
+def _init_ray(cfg: CKFConfig):
+    """Start or join Ray; returns a :class:`ckf_dist.reaper.Reaper` when this call started a local
+    cluster (shut it down, then call ``done()``), else None."""
     import ray
 
+    from ckf_dist import reaper
+
     if ray.is_initialized():
-        return False
+        return None
     tcfg = cfg.train
     env = {k: os.environ[k] for k in tcfg.forward_env if k in os.environ}
     env.update(QUIET_WORKERS)
@@ -33,9 +36,16 @@ def _init_ray(cfg: CKFConfig) -> bool:
         # wait on a CPU the workers hold (Ray waits forever when every CPU is held: the 1/0 CPU deadlock).
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls
         # (without it, it warns every few seconds); loopback only.
-        ray.init(num_cpus=max(4, tcfg.num_workers + 2), include_dashboard=True,
-                 dashboard_host="127.0.0.1", dashboard_port=_free_port(), log_to_driver=True, runtime_env={"env_vars": QUIET_WORKERS})
-    return True
+        # The reaper stops this cluster's processes if the driver dies without shutting it down.
+        guard = reaper.start()
+        try:
+            ray.init(num_cpus=max(4, tcfg.num_workers + 2), include_dashboard=True, dashboard_host="127.0.0.1",
+                     dashboard_port=_free_port(), log_to_driver=True, runtime_env={"env_vars": QUIET_WORKERS})
+        except BaseException:
+            guard.done()
+            raise
+        return guard
+    return None
 
 
 # Ray Train re-routes print() of workers through its logger, which doubles every progress
@@ -214,7 +224,7 @@ def _fit(cfg: CKFConfig) -> dict:
     from ckf_dist.train.worker import train_loop_per_worker
 
     tcfg = cfg.train
-    started = _init_ray(cfg)
+    guard = _init_ray(cfg)
     try:
         pa_fs, storage_path = pyarrow_filesystem(tcfg.storage)
         trainer = TorchTrainer(
@@ -236,8 +246,9 @@ def _fit(cfg: CKFConfig) -> dict:
             raise TrainError(f"training run {cfg.run_name!r} failed: {failure_message(exc)}"
                              f"{_log_hint()}") from exc
     finally:
-        if started:
+        if guard is not None:
             ray.shutdown()
+            guard.done()
     ref = store.latest_committed(tcfg.storage, cfg.run_name)
     if ref is None:
         raise TrainError(f"run {cfg.run_name!r} finished without a committed checkpoint in {tcfg.storage}")

@@ -2,9 +2,9 @@
 
 Compares, in one run (interleaved rounds; the minimum time per path; same users, same model):
   full     one full forward (prompt + candidate) per candidate: K prompt forwards per user (naive)
-  shared   ckf_dist.model.scoring.sequential_scores: the prompt once per user, its K candidates
+  shared   sequential_logliks(method="shared"): the prompt once per user, its K candidates
            batched from the cached keys/values
-  packed   ckf_dist.model.scoring.sequential_logliks: B users per forward, each row packed as its
+  packed   sequential_logliks(method="packed"): B users per forward, each row packed as its
            prompt followed by its K candidates under a 4-D tree mask (what ``ckf evaluate`` runs)
 
 All three must give the same log-likelihoods (max |diff| printed, fp32 tolerance 1e-4).
@@ -32,7 +32,6 @@ from ckf_dist.stages.prepare import run_prepare
 from ckf_dist.model.scoring import sequential_logliks
 from ckf_dist.stages.evaluate import load_test_rows
 from ckf_dist.model import ModelConfig, build_ckf_model, load_backbone
-from ckf_dist.model.scoring import sequential_scores
 from ckf_dist.model.testing import randomize_adapters
 
 
@@ -72,10 +71,7 @@ def main() -> None:
     def run(path: str) -> list[torch.Tensor]:
         out = []
         for batch, cands in batches:
-            if path == "packed":
-                out += sequential_logliks(model, batch, cands, args.stream)
-            else:
-                out += sequential_scores(model, batch, cands, args.stream, shared_prefix=(path == "shared"))
+            out += sequential_logliks(model, batch, cands, args.stream, method=path)
         return out
 
     paths = ("full", "shared", "packed")

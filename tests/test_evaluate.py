@@ -129,14 +129,13 @@ def tiny_model(prepared_dataset):
 @pytest.mark.parametrize("stream", ["cf", "text"])
 def test_batched_candidates_match_per_user_and_full_forward(prepared_dataset, tiny_model, stream):
     from ckf_dist.data.collate import collate
-    from ckf_dist.model.scoring import sequential_scores
 
     rows = load_test_rows(prepared_dataset.url, 0, 0)["sequential"][:3]
     batch = collate(rows, prepared_dataset.manifest["tokenizer"]["pad_id"])
     cands = [[list(map(int, c)) for c in r["cand_ids"]] for r in rows]
     got = sequential_logliks(tiny_model, batch, cands, stream)
-    shared = sequential_scores(tiny_model, batch, cands, stream, shared_prefix=True)
-    full = sequential_scores(tiny_model, batch, cands, stream, shared_prefix=False)
+    shared = sequential_logliks(tiny_model, batch, cands, stream, method="shared")
+    full = sequential_logliks(tiny_model, batch, cands, stream, method="full")
     for g, s, f in zip(got, shared, full):
         assert g.shape == (len(cands[0]),)
         torch.testing.assert_close(g, s, rtol=0, atol=1e-4)

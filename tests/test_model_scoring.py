@@ -51,8 +51,8 @@ def test_ctr_and_rating_read_the_first_answer_position(model, stream):
 def test_shared_prefix_candidates_equal_naive(model, stream):
     batch = synthetic_batch(TASKS[:2], 6, 9, seed=3)
     cands = [[[40, 41, 42], [50], [60, 61, 62, 63, 64], [40, 41, 43]]] * 2
-    fast = scoring.sequential_scores(model, batch, cands, stream, shared_prefix=True)
-    naive = scoring.sequential_scores(model, batch, cands, stream, shared_prefix=False)
+    fast = scoring.sequential_logliks(model, batch, cands, stream, method="shared")
+    naive = scoring.sequential_logliks(model, batch, cands, stream, method="full")
     for f, n in zip(fast, naive):
         assert f.shape == (4,)
         torch.testing.assert_close(f, n, rtol=1e-4, atol=1e-4)

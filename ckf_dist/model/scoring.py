@@ -90,13 +90,10 @@ def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, mask
 
 
-def candidate_logliks(model: CKFModel, prompt_ids: torch.Tensor, cand_ids: list[list[int]], task_id: int,
-                      slots: dict | None = None, shared_prefix: bool = True) -> torch.Tensor:
-    """Sum of log p(candidate tokens | prompt) for each of K candidates: ``[K]``.
-
-    ``prompt_ids [P]`` is one prompt without its answer; ``slots`` its slot keys as a batch of one.
-    ``shared_prefix=False`` runs one full forward per candidate (the naive reference).
-    """
+def _row_logliks(model: CKFModel, prompt_ids: torch.Tensor, cand_ids: list[list[int]], task_id: int,
+                 slots: dict | None, shared_prefix: bool) -> torch.Tensor:
+    """One row's ``[K]`` candidate log-likelihoods: the prompt once with its keys/values copied per
+    candidate (``shared_prefix``), or one full forward per candidate (the naive reference)."""
     if any(len(c) == 0 for c in cand_ids):
         raise ValueError("cand_ids: every candidate needs at least one token")
     device = prompt_ids.device
@@ -124,15 +121,6 @@ def _full_loglik(model: CKFModel, prompt_ids, cand: list[int], task_id: int, slo
     logits = model(seq, torch.ones_like(seq), torch.tensor([task_id], device=seq.device), slots)
     logp = torch.log_softmax(logits[0, prompt_ids.numel() - 1:-1].float(), -1)
     return logp.gather(-1, seq[0, prompt_ids.numel():].unsqueeze(-1)).sum()
-
-
-def sequential_scores(model: CKFModel, batch: dict, cand_ids: list[list[list[int]]], stream: str = "cf",
-                      shared_prefix: bool = True) -> list[torch.Tensor]:
-    """Per row, the log-likelihood ``[K]`` of each candidate's tokens (rank by it; argmax = HR@1)."""
-    lengths = prompt_lengths(batch, stream)
-    ids = batch[f"{stream}_input_ids"]
-    return [candidate_logliks(model, ids[i, :int(lengths[i])], cand_ids[i], int(batch["task_ids"][i]),
-                              _row_slots(batch, stream, i), shared_prefix) for i in range(ids.shape[0])]
 
 
 def greedy_generate(model: CKFModel, batch: dict, max_new_tokens: int, eos_id: int, stream: str = "cf",
@@ -172,15 +160,28 @@ def greedy_generate(model: CKFModel, batch: dict, max_new_tokens: int, eos_id: i
     return out_tokens
 
 
-def sequential_logliks(model, batch: dict, cand_ids: list[list[list[int]]], stream: str = "cf") -> list[torch.Tensor]:
-    """Per row, log p(candidate tokens | prompt) ``[K_i]``: one forward for all of a batch's candidates.
+SCORING_METHODS = ("packed", "shared", "full")
 
-    Each row is packed as ``prompt, cand_1, ..., cand_K`` with a 4-D attention mask in which a
-    candidate's tokens see the prompt and the earlier tokens of their own candidate only, and
-    positions restart at the prompt's length for every candidate: the prompt runs once, no
-    key/value cache is copied per candidate, and every score equals the candidate scored
-    alone after its prompt (:func:`sequential_scores`, within fp32 tolerance).
+
+def sequential_logliks(model, batch: dict, cand_ids: list[list[list[int]]], stream: str = "cf",
+                       method: str = "packed") -> list[torch.Tensor]:
+    """Per row, log p(candidate tokens | prompt) ``[K_i]`` (rank by it; argmax = HR@1).
+
+    ``packed`` (what ``ckf evaluate`` runs): one forward for all of a batch's candidates. Each row
+    is packed as ``prompt, cand_1, ..., cand_K`` with a 4-D attention mask in which a candidate's
+    tokens see the prompt and the earlier tokens of their own candidate only, and positions
+    restart at the prompt's length for every candidate: the prompt runs once and no key/value
+    cache is copied per candidate. The two reference methods score row by row: ``shared`` runs
+    each prompt once and copies its keys/values per candidate, ``full`` runs one forward per
+    candidate (the naive path). All three agree within fp32 tolerance.
     """
+    if method not in SCORING_METHODS:
+        raise ValueError(f"method: expected one of {SCORING_METHODS}, got {method!r}")
+    if method != "packed":
+        lengths = prompt_lengths(batch, stream)
+        ids = batch[f"{stream}_input_ids"]
+        return [_row_logliks(model, ids[i, :int(lengths[i])], cand_ids[i], int(batch["task_ids"][i]),
+                             _row_slots(batch, stream, i), method == "shared") for i in range(ids.shape[0])]
     lengths = prompt_lengths(batch, stream).tolist()
     b = len(cand_ids)
     if any(len(c) == 0 for row in cand_ids for c in row):

@@ -58,6 +58,7 @@ class Lease:
         self.ttl = _ttl() if ttl is None else ttl
         self.fs, path = open_url(url)
         parent, name = posixpath.split(path.rstrip("/"))
+        self.parent = parent
         self.path = posixpath.join(parent, f".{name}.ckf-lease") if parent and name else ""
         self.lease_url = url_of(self.fs, self.path) if self.path else ""
         self.token = uuid.uuid4().hex
@@ -106,6 +107,8 @@ class Lease:
         current = self._read()
         if current and current.get("token") != self.token and not self._is_stale(current):
             raise self._refuse(current)
+        with guarded(self.lease_url):
+            self.fs.makedirs(self.parent, exist_ok=True)     # a fresh clone has no runs/data/ yet
         self._write()
         time.sleep(SETTLE)
         again = self._read()

@@ -29,6 +29,12 @@ def test_second_writer_is_refused_with_the_holder_named(tmp_path):
         pass
 
 
+def test_a_folder_whose_parent_does_not_exist_yet(tmp_path):
+    """A fresh clone has no runs/data/: the lease creates the parent (the first `make demo` failed)."""
+    with Lease(str(tmp_path / "runs" / "data" / "ml-100k"), "ckf prepare"):
+        assert (tmp_path / "runs" / "data" / ".ml-100k.ckf-lease").is_file()
+
+
 def test_stale_leases_are_taken_over(tmp_path):
     folder = str(tmp_path / "run")
     lease_file = tmp_path / ".run.ckf-lease"

@@ -114,3 +114,24 @@ def test_resume_refuses_a_config_that_differs_where_it_matters(prepared_dataset,
     cfg.train.lr, cfg.model.lora.r = cfg.train.lr * 10, cfg.model.lora.r * 2
     with pytest.raises(TrainError, match=r"differs in 2 field\(s\).*model.lora.r: .*train.lr: "):
         check_resume(cfg)
+
+
+def test_a_second_train_of_a_running_run_is_refused_before_ray_starts(prepared_dataset, tmp_path):
+    """While a run's lease is held (a `ckf train` of it is running), another `ckf train` of the same
+    run name is refused in seconds, as one line naming the holder, and writes nothing."""
+    cfg = tiny_config(prepared_dataset.url)
+    cfg.run_name, cfg.model.backbone = "busy", "tiny-llama"
+    cfg.train.storage, cfg.train.num_workers, cfg.train.max_steps = str(tmp_path / "ckpt"), 1, 2
+    config = tmp_path / "busy.yaml"
+    config.write_text(dump_config(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with Lease(str(tmp_path / "ckpt" / "busy"), "ckf train"):
+        started = time.monotonic()
+        proc = subprocess.run([str(Path(sys.executable).parent / "ckf"), "--quiet", "train", str(config)],
+                              capture_output=True, text=True, env=env, timeout=120)
+        took = time.monotonic() - started
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "locked by another ckf train (host " in lines[0] and f"pid {os.getpid()}" in lines[0]
+    assert took < 20, took
+    assert [p.name for p in (tmp_path / "ckpt" / "busy").iterdir()] == []      # nothing written in the run

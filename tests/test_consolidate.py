@@ -60,6 +60,12 @@ def test_consolidate_local_adapters_match_in_plain_peft(prepared_dataset, tmp_pa
     assert set(bridge) == set(own) and all(torch.equal(bridge[k], own[k]) for k in own)
     conf = json.loads((out / "adapters" / "ctr" / "adapter_config.json").read_text())
     assert conf["base_model_name_or_path"] == "tiny-llama"
+    from transformers import AutoTokenizer
+
+    from ckf_dist.resources import tokenizer_fingerprint
+
+    beside = AutoTokenizer.from_pretrained(out / meta["tokenizer_dir"])   # the dataset's tokenizer, saved beside
+    assert tokenizer_fingerprint(beside) == prepared_dataset.manifest["tokenizer"]["fingerprint"]
 
     # plain peft in a process that never imports ckf_dist reproduces the CKF text-stream logits per task
     from ckf_dist.model import ModelConfig, load_backbone

@@ -5,6 +5,7 @@ Output folder::
     bridge.safetensors            the bridge (MetaNet, Map_U, Map_V), names as in ``Bridge.state_dict()``
     adapters/<task>/              one plain peft LoRA folder per task (shared + task adapter merged)
     trainable.safetensors         the whole CKF trainable state (what ``ckf evaluate`` reloads)
+    tokenizer/                    the tokenizer the dataset was prepared with (AutoTokenizer loads it)
     ckf_meta.json                 backbone, tokenizer fingerprint, step, metrics, dataset, tasks
     config.yaml, metrics.jsonl    the run's config and training log
 
@@ -143,7 +144,7 @@ def consolidate(ckpt_url: str, out_dir: str | Path, progress: bool = True, verif
         cfg = run_config(ref, local)
         state = read_trainable_state(ref, local, progress)
         dataset = ref.manifest.get("dataset", {})
-        model, _ = rebuild_model(cfg.model, state, tokenizer_info=dataset.get("tokenizer"), where=ref.url)
+        model, tokenizer = rebuild_model(cfg.model, state, tokenizer_info=dataset.get("tokenizer"), where=ref.url)
         log(progress, f"  rebuilt {cfg.model.backbone} + {len(state)} trainable tensors [{time.perf_counter() - started:.1f}s]")
         has_log = "metrics.jsonl" in ref.manifest.get("files", {})
         if has_log:
@@ -157,13 +158,14 @@ def consolidate(ckpt_url: str, out_dir: str | Path, progress: bool = True, verif
             save_file(bridge, str(out / BRIDGE_FILE), metadata={"format": "ckf-bridge"})
         save_file(trainable, str(out / TRAINABLE_FILE), metadata={"format": "ckf-trainable", "n_tasks": str(model.n_tasks)})
         (out / "config.yaml").write_text(dump_config(cfg))
+        tokenizer.save_pretrained(str(out / "tokenizer"))      # the dataset's tokenizer, beside the adapters
         if has_log:
             shutil.copyfile(local / "metrics.jsonl", out / "metrics.jsonl")
         meta = {
             "format": "ckf-consolidated", "schema": 1, "checkpoint": ref.url, "step": ref.step,
             "total_steps": ref.manifest.get("total_steps"), "run_name": ref.manifest.get("run_name", cfg.run_name),
             "backbone": cfg.model.backbone, "base_model_name_or_path": base, "dtype": cfg.model.dtype,
-            "tokenizer": dataset.get("tokenizer", {}), "dataset": dataset.get("url", cfg.data.output),
+            "tokenizer": dataset.get("tokenizer", {}), "tokenizer_dir": "tokenizer", "dataset": dataset.get("url", cfg.data.output),
             "answer_tokens": dataset.get("answer_tokens", {}), "dataset_fingerprint": dataset.get("fingerprint"),
             "tasks": list(folders),
             "n_tasks": model.n_tasks, "has_bridge": bool(bridge), "metrics": ref.manifest.get("metrics", {}),

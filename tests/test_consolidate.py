@@ -170,3 +170,16 @@ def test_consolidate_from_zero_shards_without_export(prepared_dataset, tmp_path)
     assert set(trainable) == set(own)
     for k in own:
         torch.testing.assert_close(trainable[k], own[k].float(), rtol=0, atol=0, msg=k)
+
+
+def test_adapters_name_the_backbone_by_its_id_when_given(tmp_path):
+    """model.backbone_id (the presets set the hub id) is what peft's base_model_name_or_path says;
+    without it a local folder is named by its absolute path."""
+    from ckf_dist.model import ModelConfig
+    from ckf_dist.stages.consolidate import backbone_name
+
+    folder = tmp_path / "Llama-2-7b-hf"
+    assert backbone_name(ModelConfig(backbone=str(folder), backbone_id="meta-llama/Llama-2-7b-hf")) == \
+        "meta-llama/Llama-2-7b-hf"
+    assert backbone_name(ModelConfig(backbone=str(folder))) == str(folder.resolve())
+    assert backbone_name(ModelConfig(backbone="tiny-llama")) == "tiny-llama"

@@ -64,6 +64,9 @@ class ModelConfig:
     """Frozen backbone plus the trainable CKF parts."""
 
     backbone: str = "smollm2"         # "smollm2" (embedded GGUF), a local HF folder, or "tiny-<family>" for tests
+    # What exported adapters name as their base (peft's base_model_name_or_path), e.g. the hub id
+    # "meta-llama/Llama-2-7b-hf" of the folder in `backbone`; "" = the folder's absolute path.
+    backbone_id: str = ""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
     cache_dir: str = ""               # where a converted GGUF backbone is cached; "" = ~/.cache/ckf_dist

@@ -81,9 +81,12 @@ def n_tasks_of(state: dict[str, torch.Tensor], default: int = N_TASKS) -> int:
 
 
 def backbone_name(model_cfg) -> str:
-    """What peft's ``base_model_name_or_path`` should say: a loadable folder where there is one."""
+    """What peft's ``base_model_name_or_path`` should say: ``model.backbone_id`` when set (portable:
+    the model's id), else a loadable folder on this machine."""
     from ckf_dist.model.backbone import TINY_NAMES, smollm2_folder
 
+    if model_cfg.backbone_id:
+        return model_cfg.backbone_id
     if model_cfg.backbone in TINY_NAMES:
         return model_cfg.backbone
     if model_cfg.backbone == "smollm2":

@@ -41,6 +41,8 @@ def _ttl() -> float:
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:                     # no pid recorded: never signal a process group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

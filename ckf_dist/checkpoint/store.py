@@ -30,6 +30,7 @@ from pathlib import Path
 import fsspec
 
 from ckf_dist.contract import CHECKPOINT_MANIFEST, COMMIT_MARKER
+from ckf_dist.progress import bar
 from ckf_dist.storage import guarded, open_url, url_of
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -44,13 +45,18 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a local file."""
+def sha256_stream(f, chunk: int = 1 << 22) -> str:
+    """sha256 of what is left to read in an open binary file (local or fsspec)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    while block := f.read(chunk):
+        h.update(block)
     return h.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a local file."""
+    with open(path, "rb") as f:
+        return sha256_stream(f)
 
 
 def hash_tree(root: str | Path) -> dict[str, dict]:
@@ -209,33 +215,24 @@ def verify(ref: CheckpointRef, deep: bool = False, progress: bool = False) -> in
     corrupted at the same size is found before a resume or a consolidation relies on it. All bad
     files are collected and reported together. Returns the number of files checked.
     """
-    from ckf_dist.progress import bar
-
-    with guarded(ref.url):
-        return _verify(ref, deep, progress, bar)
-
-
-def _verify(ref: CheckpointRef, deep: bool, progress: bool, bar) -> int:
-    ref.fs.invalidate_cache()
     files = ref.manifest.get("files", {})
     bad: list[str] = []
-    for rel, meta in bar(sorted(files.items()), len(files), "verify sha256" if deep else "verify sizes",
-                         progress and deep):
-        full = posixpath.join(ref.path, rel)
-        if not ref.fs.exists(full):
-            bad.append(f"{rel}: missing (listed in the manifest)")
-            continue
-        size = ref.fs.size(full)
-        if size != meta["bytes"]:
-            bad.append(f"{rel}: size {size} != {meta['bytes']} in the manifest")
-            continue
-        if deep:
-            h = hashlib.sha256()
-            with ref.fs.open(full, "rb") as f:
-                while block := f.read(1 << 22):
-                    h.update(block)
-            if h.hexdigest() != meta["sha256"]:
-                bad.append(f"{rel}: sha256 {h.hexdigest()[:12]}... != {meta['sha256'][:12]}... in the manifest")
+    with guarded(ref.url):
+        ref.fs.invalidate_cache()
+        for rel, meta in bar(sorted(files.items()), len(files), "verify sha256", progress and deep):
+            full = posixpath.join(ref.path, rel)
+            if not ref.fs.exists(full):
+                bad.append(f"{rel}: missing (listed in the manifest)")
+                continue
+            size = ref.fs.size(full)
+            if size != meta["bytes"]:
+                bad.append(f"{rel}: size {size} != {meta['bytes']} in the manifest")
+                continue
+            if deep:
+                with ref.fs.open(full, "rb") as f:
+                    digest = sha256_stream(f)
+                if digest != meta["sha256"]:
+                    bad.append(f"{rel}: sha256 {digest[:12]}... != {meta['sha256'][:12]}... in the manifest")
     if bad:
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise CheckpointError(f"{ref.url}: {len(bad)} of {len(files)} files corrupt or missing: "

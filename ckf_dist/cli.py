@@ -165,5 +165,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ckf: error: {error}", file=sys.stderr)
         return 2
 
+
 if __name__ == "__main__":
     sys.exit(main())

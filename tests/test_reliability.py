@@ -155,3 +155,28 @@ def test_uploads_to_a_hung_server_time_out(tmp_path, monkeypatch):
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_failed_run_message_is_the_workers_own_error():
+    """Ray wraps a worker's exception (per-rank failures, task errors, chains); the message unwraps it."""
+    from ckf_dist.errors import StorageError
+    from ckf_dist.stages.train import failure_message
+
+    class GroupError(Exception):                   # the shape of ray.train.WorkerGroupError
+        def __init__(self, failures):
+            super().__init__("Training failed due to worker errors:\n" + "\n".join(map(str, failures.values())))
+            self.worker_failures = failures
+
+    class TaskError(Exception):                    # the shape of RayTaskError: the original as .cause
+        def __init__(self, cause):
+            super().__init__(f"ray::RayTrainWorker failed\nTraceback ...\n{cause}")
+            self.cause = cause
+
+    own = StorageError("s3://b/run: storage unreachable or denied (ReadTimeoutError: timeout)")
+    wrapped = GroupError({1: TaskError(own), 0: TaskError(RuntimeError("boom\n  at line 3"))})
+    assert failure_message(wrapped) == "rank 0: RuntimeError: boom at line 3"
+    assert failure_message(GroupError({1: TaskError(own)})) == f"rank 1: {own}"
+    try:
+        raise RuntimeError("outer") from ValueError("inner cause")
+    except RuntimeError as exc:
+        assert failure_message(exc) == "ValueError: inner cause"

@@ -13,7 +13,6 @@ import os
 from ckf_dist.checkpoint import store
 from ckf_dist.config import CKFConfig, config_to_dict
 from ckf_dist.train.deepspeed_config import TrainError
-from ckf_dist.contract import DATASET_MANIFEST
 from ckf_dist.storage import guarded, is_local, open_url, pyarrow_filesystem
 
 
@@ -85,17 +84,11 @@ def absolute_paths(cfg: CKFConfig) -> CKFConfig:
 
 def _check_inputs(cfg: CKFConfig) -> None:
     """Fail before starting workers when the dataset or storage is unusable (each a one-line error)."""
-    import json
-
+    from ckf_dist.data.shards import read_dataset_manifest
     from ckf_dist.data.stream import check_tokenizer
     from ckf_dist.model.backbone import preflight_backbone
 
-    fs, path = open_url(cfg.data.output)
-    with guarded(f"data.output {cfg.data.output}"):
-        ok = fs.exists(f"{path}/{DATASET_MANIFEST}")
-        if not ok:
-            raise TrainError(f"data.output {cfg.data.output}: no manifest.json; run `ckf prepare` with this config first")
-        manifest = json.loads(fs.cat_file(f"{path}/{DATASET_MANIFEST}"))
+    manifest, _, _ = read_dataset_manifest(cfg.data.output)       # complete, readable, this schema
     check_tokenizer(manifest, preflight_backbone(cfg.model))    # backbone folder, family, tokenizer vs dataset
     sfs, spath = open_url(cfg.train.storage)
     probe = f"{spath}/{cfg.run_name}/.ckf-write-probe-{os.getpid()}"
@@ -105,13 +98,16 @@ def _check_inputs(cfg: CKFConfig) -> None:
         sfs.rm_file(probe)
 
 
-def root_cause(exc: BaseException) -> BaseException:
-    """The exception a worker raised, out of Ray's wrappers (RayTaskError, WorkerGroupError, chains)."""
-    seen: set[int] = set()
+def worker_failure(exc: BaseException) -> tuple[int | None, BaseException]:
+    """``(rank, exception)`` a worker raised, out of Ray's wrappers (WorkerGroupError, ControllerError,
+    RayTaskError, ``raise ... from`` chains); rank is None when no per-rank failure is attached."""
+    rank, seen = None, set()
     while id(exc) not in seen:
         seen.add(id(exc))
         failures = getattr(exc, "worker_failures", None)              # ray.train.WorkerGroupError
         if failures:
+            if rank is None:
+                rank = min(failures)
             exc = failures[min(failures)]
             continue
         inner = getattr(exc, "controller_failure", None) or getattr(exc, "cause", None)   # ControllerError, RayTaskError
@@ -122,32 +118,20 @@ def root_cause(exc: BaseException) -> BaseException:
             exc = exc.__cause__
             continue
         break
-    return exc
+    return rank, exc
 
 
 def failure_message(exc: BaseException) -> str:
     """One line for a failed run: the worker's own error (rank and message), not Ray's wrapper."""
     from ckf_dist.errors import CKFError
 
-    failures = getattr(root_cause_holder(exc), "worker_failures", None) or {}
-    rank = f"rank {min(failures)}: " if failures else ""
-    cause = root_cause(exc)
+    rank, cause = worker_failure(exc)
     text = " ".join(str(cause).split())
     if not isinstance(cause, CKFError):
         text = f"{type(cause).__name__}: {text}"
     if len(text) > 600:
         text = text[:600] + " ..."
-    return rank + text
-
-
-def root_cause_holder(exc: BaseException) -> BaseException:
-    """The first exception in the chain that carries Ray Train's per-rank failures (or ``exc``)."""
-    cur: BaseException | None = exc
-    while cur is not None:
-        if getattr(cur, "worker_failures", None):
-            return cur
-        cur = getattr(cur, "controller_failure", None) or cur.__cause__
-    return exc
+    return (f"rank {rank}: " if rank is not None else "") + text
 
 
 def _log_hint() -> str:

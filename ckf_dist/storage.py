@@ -33,28 +33,37 @@ STORAGE_OPTIONS_ENV = "CKF_STORAGE_OPTIONS"
 STORAGE_TIMEOUT_ENV = "CKF_STORAGE_TIMEOUT"
 DEFAULT_STORAGE_TIMEOUT = 60.0
 STORAGE_ATTEMPTS = 5        # s3fs's own retry count (S3FileSystem.retries); gcsfs gets the same
-_S3_RETRY_CONNECT = False
+_S3_BOUNDED = False
 # fsspec backends that ship separately: protocol -> what to install
 _BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 
 
-def _drop_expect_continue() -> None:
-    """Stop botocore from sending ``Expect: 100-continue`` with uploads (process-wide, idempotent).
+def _bound_s3_waits() -> None:
+    """Process-wide fixes so that s3 requests cannot wait forever (idempotent).
 
-    aiobotocore then waits for the server's ``100 Continue`` with no timeout at all, so an upload
-    to a server that accepted the connection but hangs waits forever, whatever the read timeout.
-    Without the header the body is sent at once and the read timeout bounds the wait.
+    - botocore adds ``Expect: 100-continue`` to uploads, and aiobotocore waits for the server's
+      ``100 Continue`` with no timeout at all, so an upload to a server that accepted the
+      connection but hangs waits forever, whatever the read timeout. The handler is removed:
+      the body is sent at once and the read timeout bounds the wait.
+    - A refused connection is made retryable by s3fs (``add_retryable_error``), like a timeout.
     """
+    global _S3_BOUNDED
+    if _S3_BOUNDED:
+        return
     try:
         import botocore.handlers as handlers
+        from botocore.exceptions import EndpointConnectionError
+        from s3fs.core import add_retryable_error
     except ImportError:
         return
     handlers.BUILTIN_HANDLERS[:] = [h for h in handlers.BUILTIN_HANDLERS
                                     if not (len(h) > 1 and h[1] is handlers.add_expect_header)]
+    add_retryable_error(EndpointConnectionError)
+    _S3_BOUNDED = True
 
 
 def _s3_class():
-    """s3fs's filesystem with :func:`_drop_expect_continue` applied in every process that uses it.
+    """s3fs's filesystem with :func:`_bound_s3_waits` applied in every process that uses it.
 
     Registered for ``s3://`` and ``s3a://``: an instance pickled to a Ray worker or Ray Train's
     controller (the checkpoint upload filesystem) imports this module when it is rebuilt there,
@@ -64,7 +73,7 @@ def _s3_class():
 
     class BoundedS3FileSystem(Base):
         async def set_session(self, refresh=False, kwargs={}):   # noqa: B006 - s3fs's signature
-            _drop_expect_continue()
+            _bound_s3_waits()
             return await super().set_session(refresh=refresh, kwargs=kwargs)
 
     BoundedS3FileSystem.__module__, BoundedS3FileSystem.__qualname__ = __name__, "BoundedS3FileSystem"
@@ -123,22 +132,13 @@ def storage_timeout() -> float:
 def _with_timeouts(protocol: str, opts: dict) -> dict:
     """Bounded waits for object stores from the libraries' own settings; a user's values are kept.
 
-    s3fs retries timed-out requests itself (``S3FileSystem.retries``, with backoff) and passes
-    ``config_kwargs`` to botocore's ``Config``: a connect and a read timeout, and one attempt per
-    s3fs try so the two retry loops do not multiply. A refused connection is made retryable too
-    (s3fs's ``add_retryable_error``). gcsfs takes ``timeout`` per request.
+    s3fs retries timed-out (and, see :func:`_bound_s3_waits`, refused) requests itself
+    (``S3FileSystem.retries``, with backoff) and passes ``config_kwargs`` to botocore's ``Config``:
+    a connect and a read timeout, and one attempt per s3fs try so the two retry loops do not
+    multiply. gcsfs takes ``timeout`` per request.
     """
-    global _S3_RETRY_CONNECT
     timeout = storage_timeout()
     if protocol in ("s3", "s3a"):
-        if not _S3_RETRY_CONNECT:
-            try:
-                from botocore.exceptions import EndpointConnectionError
-                from s3fs.core import add_retryable_error
-                add_retryable_error(EndpointConnectionError)
-            except ImportError:
-                pass
-            _S3_RETRY_CONNECT = True
         config = dict(opts.get("config_kwargs") or {})
         config.setdefault("connect_timeout", min(timeout, 10.0))
         config.setdefault("read_timeout", timeout)
@@ -195,11 +195,10 @@ def open_url(url: str, storage_options: dict | None = None):
     if not url:
         raise StorageError("empty storage URL")
     target = os.path.abspath(os.path.expanduser(url)) if is_local(url) else url
+    protocol = "file" if is_local(url) else url.split("://", 1)[0]
     try:
-        protocol = "file" if is_local(url) else url.split("://", 1)[0]
         fs, path = url_to_fs(target, **_with_timeouts(protocol, storage_options_from_env(storage_options)))
     except (ImportError, ValueError) as exc:
-        protocol = url.split("://", 1)[0] if not is_local(url) else "file"
         if protocol in _BACKENDS:
             hint = f"install {_BACKENDS[protocol]} (pip install {_BACKENDS[protocol]})"
         elif "not known" in str(exc):

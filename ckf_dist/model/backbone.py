@@ -112,13 +112,36 @@ class BackboneNotFoundError(ModelError, FileNotFoundError):
     """``model.backbone`` names no loadable folder (models are never downloaded)."""
 
 
-def family_of(model: nn.Module) -> Family:
-    """The registry row of a loaded backbone; an unregistered family is a clear error."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def family_row(model_type: str | None, source: str = "backbone") -> Family:
+    """The registry row of a ``model_type``; an unregistered family is a clear error naming ``source``."""
     if model_type not in FAMILIES:
-        raise ModelError(f"backbone family {model_type!r} is not registered; supported: {sorted(FAMILIES)} "
+        raise ModelError(f"{source}: family {model_type!r} is not registered; supported: {sorted(FAMILIES)} "
                          "(add a row to ckf_dist.model.backbone.FAMILIES: its q/k/v/o module names)")
     return FAMILIES[model_type]
+
+
+def family_of(model: nn.Module) -> Family:
+    """The registry row of a loaded backbone; an unregistered family is a clear error."""
+    return family_row(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def backbone_folder(name: str) -> Path:
+    """``model.backbone`` as a local Hugging Face folder; :class:`BackboneNotFoundError` when it is none."""
+    folder = Path(name)
+    if not (folder / "config.json").is_file():
+        raise BackboneNotFoundError(
+            f"model.backbone: {name!r} is not 'smollm2', not one of {sorted(TINY_NAMES)}, and not a local "
+            "folder with config.json (models are never downloaded; save one with save_pretrained first)")
+    return folder
+
+
+def folder_tokenizer(folder: Path, cache: str = ""):
+    """The tokenizer saved in a backbone folder, else the embedded SmolLM2 one."""
+    from transformers import AutoTokenizer
+
+    if (folder / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(folder)
+    return resources.load_tokenizer("smollm2", cache)
 
 
 def tiny_backbone(family: str, seed: int = 0) -> nn.Module:
@@ -207,8 +230,10 @@ def smollm2_folder(cache: str = "") -> Path:
 
     target = resources.cache_dir(cache) / "smollm2-135m-instruct"
     config = target / "config.json"
-    if config.is_file() and json.loads(config.read_text()) == portable_config(json.loads(config.read_text())):
-        return target
+    if config.is_file():
+        conf = json.loads(config.read_text())
+        if conf == portable_config(conf):
+            return target
     with storage.file_lock(target.with_name(target.name + ".lock")):   # one converter per machine
         if not config.is_file():
             started = time.time()
@@ -228,29 +253,19 @@ def preflight_backbone(cfg: ModelConfig):
     """
     import json
 
-    from transformers import AutoTokenizer
-
     name = cfg.backbone
     if name in TINY_NAMES:
         return resources.load_tokenizer("smollm2", cfg.cache_dir)
     if name == "smollm2":
         resources.smollm2_gguf()                           # the embedded model's package is installed
         return resources.load_tokenizer("smollm2", cfg.cache_dir)
-    folder = Path(name)
-    if not (folder / "config.json").is_file():
-        raise BackboneNotFoundError(
-            f"model.backbone: {name!r} is not 'smollm2', not one of {sorted(TINY_NAMES)}, and not a local "
-            "folder with config.json (models are never downloaded; save one with save_pretrained first)")
+    folder = backbone_folder(name)
     try:
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     except (OSError, ValueError) as exc:
         raise ModelError(f"{folder / 'config.json'}: not readable JSON ({exc})") from None
-    if model_type not in FAMILIES:
-        raise ModelError(f"model.backbone {name!r}: family {model_type!r} is not registered; supported: "
-                         f"{sorted(FAMILIES)} (add a row to ckf_dist.model.backbone.FAMILIES: its q/k/v/o module names)")
-    if (folder / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(folder)
-    return resources.load_tokenizer("smollm2", cfg.cache_dir)
+    family_row(model_type, f"model.backbone {name!r}")
+    return folder_tokenizer(folder, cfg.cache_dir)
 
 
 def load_backbone(cfg: ModelConfig, zero3_config: dict | None = None):
@@ -266,7 +281,7 @@ def load_backbone(cfg: ModelConfig, zero3_config: dict | None = None):
     All parameters are frozen and cast to ``cfg.dtype``; gradient checkpointing is switched on
     later by :func:`ckf_dist.model.ckf.build_ckf_model` (it needs the routing context).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, cfg.dtype)
     name = cfg.backbone
@@ -280,14 +295,9 @@ def load_backbone(cfg: ModelConfig, zero3_config: dict | None = None):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         tokenizer = resources.load_tokenizer("smollm2", cfg.cache_dir)
     else:
-        folder = Path(name)
-        if not (folder / "config.json").is_file():
-            raise BackboneNotFoundError(
-                f"model.backbone: {name!r} is not 'smollm2', not one of {sorted(TINY_NAMES)}, and not a local "
-                "folder with config.json (models are never downloaded; save one with save_pretrained first)")
+        folder = backbone_folder(name)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() \
-            else resources.load_tokenizer("smollm2", cfg.cache_dir)
+        tokenizer = folder_tokenizer(folder, cfg.cache_dir)
     family_of(model)                     # refuse unregistered families up front
     model.to(dtype)
     model.requires_grad_(False)
@@ -297,7 +307,7 @@ def load_backbone(cfg: ModelConfig, zero3_config: dict | None = None):
 
 def _load_partitioned(cfg: ModelConfig, dtype: torch.dtype, zero3_config: dict):
     """``load_backbone`` under ZeRO-3: parameters partitioned at creation (see its docstring)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     if zero3_config.get("zero_optimization", {}).get("stage") != 3:
@@ -310,12 +320,9 @@ def _load_partitioned(cfg: ModelConfig, dtype: torch.dtype, zero3_config: dict):
         model = AutoModelForCausalLM.from_config(FAMILIES[family].tiny_config(), dtype=dtype)
         tokenizer = resources.load_tokenizer("smollm2", cfg.cache_dir)
     else:
-        folder = smollm2_folder(cfg.cache_dir) if name == "smollm2" else Path(name)
-        if not (folder / "config.json").is_file():
-            raise BackboneNotFoundError(f"model.backbone: {name!r} is not a local folder with config.json")
+        folder = smollm2_folder(cfg.cache_dir) if name == "smollm2" else backbone_folder(name)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() \
-            else resources.load_tokenizer("smollm2", cfg.cache_dir)
+        tokenizer = folder_tokenizer(folder, cfg.cache_dir)
     family_of(model)
     model.requires_grad_(False)
     model.config.use_cache = False

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from ckf_dist.kernels import tiles
+
 pytestmark = pytest.mark.slow   # compiles Triton kernels for sm_90 (minutes on 2 cores)
 
 triton = pytest.importorskip("triton")
@@ -127,10 +129,10 @@ LAYOUTS = {"fwd": dict(sxk=1, swk=1, syn=1, ses_r=1, set_r=1, HAS_MASK=False),
 @pytest.mark.parametrize("tile", list(range(6)), ids=lambda i: "tile%d" % i)
 def test_gemm_lora_compiles_for_hopper_without_spills(compiled_module, tile):
     mod = compiled_module[0]
-    assert len(mod._GEMM_TILES) == 6, "update the parametrization to the autotuner's tiles"
-    bm, bn, bk, stages, warps = mod._GEMM_TILES[tile]
+    assert len(tiles.GEMM_TILES) == 6, "update the parametrization to the autotuner's tiles"
+    bm, bn, bk, stages, warps = tiles.GEMM_TILES[tile]
     variants = [("fwd", True, True, True), ("dx", True, True, False)]
-    if mod._fits_dropout_epilogue(bm, bn, warps):      # the autotuner prunes the others for dropout
+    if tiles.fits_dropout_epilogue(bm, bn, warps):      # the autotuner prunes the others for dropout
         variants.append(("dx-dropout", True, True, False))
     if tile == 0:
         variants += [("fwd", True, False, False), ("fwd", False, True, False), ("fwd", False, False, False)]
@@ -168,8 +170,8 @@ def test_shrink_pass_compiles_without_spills(compiled_module, bm):
 def test_dropout_epilogue_keeps_tiles(compiled_module):
     mod = compiled_module[0]
     cfgs = mod._gemm_lora_tuned.configs
-    kept = mod._prune_gemm_tiles(cfgs, {}, HAS_MASK=True)
-    assert 0 < len(kept) < len(cfgs) and mod._prune_gemm_tiles(cfgs, {}, HAS_MASK=False) == cfgs
+    kept = tiles.prune_gemm_tiles(cfgs, {}, HAS_MASK=True)
+    assert 0 < len(kept) < len(cfgs) and tiles.prune_gemm_tiles(cfgs, {}, HAS_MASK=False) == cfgs
 
 
 DW_ALIGNED = {"MB", "GB", "PSB", "PTB", "MA", "KEEP", "GA", "PSA", "PTA", "IDS", "CH_LO", "CH_HI", "smb_m", "sma_m", "skm",

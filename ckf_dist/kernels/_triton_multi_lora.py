@@ -41,6 +41,8 @@ Python ints.
 import triton
 import triton.language as tl
 
+from ckf_dist.kernels.tiles import GEMM_TILES, prune_gemm_tiles
+
 
 @triton.jit
 def _min_op(a, b):
@@ -424,30 +426,9 @@ def _wsum_kernel(PSB, PTB, PSA, PTA, CH_LO, CH_HI, N_CHUNKS, DB, DA, RS, RT, T,
                             True, BLOCK)
 
 
-# Tiles of the fused projection GEMM on the GPU, picked per (out, in, row bucket, layout,
-# adapters, dtype) by Triton's autotuner on first use: (BM, BN, BK, stages, warps), Hopper-sized
-# bf16/fp16 tiles (wgmma wants BM >= 64) with 3-4 stage pipelines; configs that do not fit
-# shared memory (fp32) are skipped by the tuner. Six, to bound the first step's compile time.
-_GEMM_TILES = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-               (64, 256, 64, 4, 4), (128, 64, 64, 4, 4)]
-
-
-def _fits_dropout_epilogue(bm: int, bn: int, warps: int) -> bool:
-    """The dX epilogue with a dropout mask keeps a second BM x BN fp32 accumulator: with more
-    than 64 accumulator registers per thread the two no longer fit (spills at sm_90)."""
-    return bm * bn <= 64 * 32 * warps
-
-
-def _prune_gemm_tiles(configs, named_args, **kwargs):
-    if not kwargs.get("HAS_MASK"):
-        return configs
-    fit = [c for c in configs if _fits_dropout_epilogue(c.kwargs["BM"], c.kwargs["BN"], c.num_warps)]
-    return fit or configs
-
-
 _gemm_lora_heur = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BK"] == 0})(_gemm_lora_kernel)
 _gemm_lora_tuned = triton.autotune(
     configs=[triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_stages=st, num_warps=wp)
-             for bm, bn, bk, st, wp in _GEMM_TILES],
+             for bm, bn, bk, st, wp in GEMM_TILES],
     key=["NOUT", "K", "M_BUCKET", "swk", "HAS_S", "HAS_T", "HAS_MASK"],       # swk: forward or dX layout
-    prune_configs_by={"early_config_prune": _prune_gemm_tiles})(_gemm_lora_heur)
+    prune_configs_by={"early_config_prune": prune_gemm_tiles})(_gemm_lora_heur)

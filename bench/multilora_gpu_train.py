@@ -98,23 +98,19 @@ def part_train(res, batch_size, prompt_len, *, smoke: bool, dev: str, save=lambd
         (checkpointing bounds the memory). path: "fused" (Triton op per token), "token" (the torch
         per-token contract op in the same place, same bf16 roundings: y + delta) or "torch" (the
         model's torch path: per-sample batched LoRA with the base add fused)."""
-        from ckf_dist.model.multi_lora import multi_lora_torch
-        drop, saved = {}, (mml.MultiLoraLinear._kernel, mml.MultiLoraLinear._linear_kernel)
+        drop = {}
         for layer in model.lora_layers():
             layer.fused_kernels, drop[layer] = path not in ("torch",), layer.dropout
             layer.fuse_base_gemm = path == "fused_gemm"
+            layer.backend = "torch-token" if path == "token" else None
             layer.dropout = 0.0
-        if path == "token":
-            mml.MultiLoraLinear._kernel = lambda self, x: multi_lora_torch
-            mml.MultiLoraLinear._linear_kernel = lambda self, x: None
         try:
             loss, _ = model.loss(batch, step=10, total_steps=100)
             params = model.trainable_parameters()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         finally:
-            mml.MultiLoraLinear._kernel, mml.MultiLoraLinear._linear_kernel = saved
             for layer, p in drop.items():
-                layer.dropout = p
+                layer.dropout, layer.backend = p, None
         flat = torch.cat([(g if g is not None else torch.zeros_like(p)).float().flatten()
                           for g, p in zip(grads, params)])
         return float(loss.detach()), flat

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 import ckf_dist.kernels.multi_lora as ml  # noqa: E402
-from ckf_dist.kernels import KernelConfig, linear_multi_lora_triton, multi_lora_reference  # noqa: E402
+from ckf_dist.kernels import KernelConfig, linear_multi_lora_triton, multi_lora_reference, tiles  # noqa: E402
 from kernel_helpers import interpreter, make_inputs, rel, task_ids_for  # noqa: E402,F401  (interpreter: autouse)
 
 
@@ -216,13 +216,17 @@ def test_model_layer_leaves_hooked_or_partitioned_bases_to_the_base_module(monke
     base = torch.nn.Linear(8, 8, bias=False).requires_grad_(False)
     layer = mml.MultiLoraLinear(base, "proj", 2, mml.AdapterSpec(4, 8.0), None, 0.0, mml.LoraRouting())
     x = torch.randn(1, 3, 8)
-    assert layer._linear_kernel(x) is not None
+    assert layer.backend_for(x) == "fused-linear"
     handle = base.register_forward_pre_hook(lambda mod, args: None)
-    assert layer._linear_kernel(x) is None
+    assert layer.backend_for(x) == "fused"                 # a hook added after the first call counts
     handle.remove()
-    assert layer._linear_kernel(x) is not None
+    assert layer.backend_for(x) == "fused-linear"
     base.weight.ds_id = 7
-    assert layer._linear_kernel(x) is None
+    assert layer.backend_for(x) == "fused"
+    layer.backend = "torch-sample"                           # forced, for benches and comparisons
+    assert layer.backend_for(x) == "torch-sample"
+    with pytest.raises(ValueError, match="unknown Multi-LoRA backend"):
+        layer.backend = 'cuda'
 
 
 def test_whole_model_with_the_fused_projection_matches_the_torch_path(monkeypatch):
@@ -289,5 +293,5 @@ def test_linear_lora_autotuned_launch_path(monkeypatch):
     assert len(tuned.cache) == 2
     ran.clear()
     check_linear(70, 64, 48, 8, 8, 3, "zipf", seed=32, masked=True, config=KernelConfig(block_m=16, block_dm=16))
-    kept = len(ml._kernels()._prune_gemm_tiles(tuned.configs, {}, HAS_MASK=True))
+    kept = len(tiles.prune_gemm_tiles(tuned.configs, {}, HAS_MASK=True))
     assert len(ran) == kept < n_tiles                                    # only the masked dX key is new

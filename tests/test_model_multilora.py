@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ckf_dist.model.lora_ops import linear_per_sample_lora, lora_dropout, per_sample_lora
+from ckf_dist.model.lora_ops import LoraWeights, linear_per_sample_lora, lora_dropout, per_sample_lora
 from ckf_dist.model.multi_lora import AdapterSpec, LoraRouting, MultiLoraLinear, multi_lora_torch
 
 
@@ -138,11 +138,15 @@ def test_dropout_applies_only_in_training():
 def test_fused_kernel_import_failure_falls_back_to_torch(monkeypatch):
     """On a tensor the kernel does not take (CPU) or when the kernel is missing, the torch path runs."""
     layer, _ = _layer(nn.Linear(4, 4))
-    assert layer._kernel(torch.randn(1, 4)) is None                       # CPU tensor: torch paths
+    assert layer.backend_for(torch.randn(1, 4)) == "torch-token"           # CPU tensor: torch paths
+    assert layer.backend_for(torch.randn(1, 2, 4)) == "torch-sample"
     from ckf_dist.model import multi_lora
 
-    monkeypatch.setitem(sys.modules, "ckf_dist.kernels", None)           # import fails
+    monkeypatch.setattr(multi_lora, "_kernel_device", lambda x: True)     # a device the kernels take...
+    monkeypatch.setitem(sys.modules, "ckf_dist.kernels", None)           # ...but the import fails
     assert multi_lora._triton_op() is None
+    layer.fused_kernels = True                                           # (setting it drops the choices made)
+    assert layer.backend_for(torch.randn(1, 2, 4)) == "torch-sample"
     monkeypatch.setitem(sys.modules, "ckf_dist.kernels", types.SimpleNamespace(
         multi_lora_triton=object(), triton_available=lambda: False))    # present but cannot run here
     assert multi_lora._triton_op() is None
@@ -169,7 +173,7 @@ def test_per_sample_path_equals_reference(kinds, with_base):
     base = torch.randn(6, 5, 20, dtype=torch.float64, requires_grad=True) if with_base else None
     g_out = torch.randn(6, 5, 20, dtype=torch.float64)
     params = [p for p in (x, a_s, b_s, a_t, b_t, base) if p is not None]
-    fast = per_sample_lora(x, a_s, b_s, a_t, b_t, sample_ids, 0.5, 2.0, base_out=base)
+    fast = per_sample_lora(x, LoraWeights(a_s, b_s, a_t, b_t, 0.5, 2.0), sample_ids, base_out=base)
     grads_fast = torch.autograd.grad(fast, params, g_out)
     ref = reference_loop(x.reshape(-1, 24), a_s, b_s, a_t, b_t, sample_ids.repeat_interleave(5), 0.5, 2.0)
     ref = ref.view(6, 5, 20) + (base if with_base else 0)
@@ -199,8 +203,8 @@ def test_one_op_projection_equals_base_plus_reference(kinds, layout):
     g_out = torch.randn(6, 5, 20, generator=g, dtype=torch.float64)
     params = [p for p in (x, a_s, b_s, a_t, b_t) if p is not None]
     w_arg = w.t().contiguous() if layout == "conv1d" else w
-    fast = linear_per_sample_lora(x, w_arg, bias, keep, a_s, b_s, a_t, b_t, ids, 0.5, 2.0,
-                                  weight_in_out=layout == "conv1d")
+    adapters = LoraWeights(a_s, b_s, a_t, b_t, 0.5, 2.0)
+    fast = linear_per_sample_lora(x, w_arg, bias, keep, adapters, ids, weight_in_out=layout == "conv1d")
     grads_fast = torch.autograd.grad(fast, params, g_out)
     xd = (x * keep).reshape(-1, 24)
     ref = (x @ w.t() + bias) + reference_loop(xd, a_s, b_s, a_t, b_t, ids.repeat_interleave(5), 0.5, 2.0).view(6, 5, 20)
@@ -210,8 +214,8 @@ def test_one_op_projection_equals_base_plus_reference(kinds, layout):
         torch.testing.assert_close(gf, gr, rtol=1e-12, atol=1e-12)
     assert (grads_fast[0] != g_out @ w).any()               # the adapters' dX is in x's gradient
     x_frozen = x.detach()                                    # no input grad asked: adapters still train
-    ga = torch.autograd.grad(linear_per_sample_lora(x_frozen, w_arg, None, None, a_s, b_s, a_t, b_t, ids,
-                                                    0.5, 2.0, weight_in_out=layout == "conv1d"), params[1:], g_out)
+    ga = torch.autograd.grad(linear_per_sample_lora(x_frozen, w_arg, None, None, adapters, ids,
+                                                    weight_in_out=layout == "conv1d"), params[1:], g_out)
     assert all(t.abs().sum() > 0 for t in ga)
 
 
@@ -220,10 +224,10 @@ def test_one_op_projection_refuses_trainable_base_and_bad_shapes():
     x, ids = torch.randn(2, 3, 24, dtype=torch.float64), torch.tensor([0, 1])
     with pytest.raises(ValueError, match="frozen"):
         linear_per_sample_lora(x, torch.randn(20, 24, dtype=torch.float64, requires_grad=True), None, None,
-                               a_s, b_s, a_t, b_t, ids, 1.0, 1.0)
+                               LoraWeights(a_s, b_s, a_t, b_t, 1.0, 1.0), ids)
     with pytest.raises(ValueError, match=r"\[B, L, in\]"):
         linear_per_sample_lora(x, torch.randn(20, 24, dtype=torch.float64), None, None,
-                               a_s, b_s, a_t, b_t, ids[:1], 1.0, 1.0)
+                               LoraWeights(a_s, b_s, a_t, b_t, 1.0, 1.0), ids[:1])
 
 
 def _grad_fn_names(y):
@@ -389,7 +393,12 @@ def test_kernel_wiring_uses_the_per_token_contract(monkeypatch):
         calls.append((tuple(x2.shape), task_ids.tolist(), s_s, s_t))
         return multi_lora_torch(x2, a_s, b_s, a_t, b_t, task_ids, s_s, s_t)
 
-    monkeypatch.setattr(layer, "_kernel", lambda _x: spy)
+    from ckf_dist.model import multi_lora
+    monkeypatch.setattr(multi_lora, "_kernel_device", lambda _x: True)
+    monkeypatch.setattr(multi_lora, "_triton_op", lambda name="multi_lora_triton":
+                        spy if name == "multi_lora_triton" else None)
+    layer.fused_kernels = True                            # re-decide under the patched device
+    assert layer.backend_for(x) == "fused"
     with routing.active(ids):
         got = layer(x)
     torch.testing.assert_close(got, expected)

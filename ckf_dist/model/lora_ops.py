@@ -20,9 +20,28 @@ None of them loops over samples or tasks in Python. Weights use peft's layout (`
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import torch
+
+
+class LoraWeights(NamedTuple):
+    """The adapters of one op of eq. (1): shared ``A [rs, in]``, ``B [out, rs]``, task ``A [T, rt, in]``,
+    ``B [T, out, rt]`` (None for a kind the op does not use) and their scales (0.0 when unused)."""
+
+    a_shared: torch.Tensor | None
+    b_shared: torch.Tensor | None
+    a_task: torch.Tensor | None
+    b_task: torch.Tensor | None
+    scale_shared: float = 0.0
+    scale_task: float = 0.0
+
+    def contract_args(self, task_ids: torch.Tensor) -> tuple:
+        """The positional tail ``(a_s, b_s, a_t, b_t, task_ids, s_s, s_t)`` of the contract ops
+        (:func:`multi_lora_torch` and the fused kernels)."""
+        return (self.a_shared, self.b_shared, self.a_task, self.b_task, task_ids, self.scale_shared,
+                self.scale_task)
 
 
 def multi_lora_torch(x: torch.Tensor, a_shared: torch.Tensor | None, b_shared: torch.Tensor | None,
@@ -53,8 +72,9 @@ def multi_lora_torch(x: torch.Tensor, a_shared: torch.Tensor | None, b_shared: t
     return (h * col_scale) @ b_cat.t()                                   # expand: [N, out]
 
 
-def _gather(a_s, b_s, a_t, b_t, ids, s_s: float, s_t: float):
+def _gather(w: LoraWeights, ids):
     """Per-sample ``A [B, R, in]`` and scaled ``B [B, out, R]``: the shared adapter, then the sample's task adapter."""
+    a_s, b_s, a_t, b_t, s_s, s_t = w
     n = ids.shape[0]
     a, b = [], []
     if a_s is not None:
@@ -71,7 +91,7 @@ class _PerSampleLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base_out, x, a_s, b_s, a_t, b_t, ids, s_s, s_t):
-        a, b = _gather(a_s, b_s, a_t, b_t, ids, s_s, s_t)
+        a, b = _gather(LoraWeights(a_s, b_s, a_t, b_t, s_s, s_t), ids)
         h = torch.bmm(x, a.transpose(1, 2))                                 # shrink: [B, L, R]
         if base_out is None:
             out = torch.bmm(h, b.transpose(1, 2))                           # expand: [B, L, out]
@@ -90,14 +110,15 @@ class _PerSampleLora(torch.autograd.Function):
     def backward(ctx, g):
         x, h, a_s, b_s, a_t, b_t, ids = ctx.saved_tensors
         need = ctx.needs_input_grad
-        gx, grads = _adapter_backward(g, x, h, a_s, b_s, a_t, b_t, ids, *ctx.scales, need[1], need[2:6])
+        gx, grads = _adapter_backward(g, x, h, LoraWeights(a_s, b_s, a_t, b_t, *ctx.scales), ids, need[1], need[2:6])
         return (g if ctx.has_base and need[0] else None), gx, *grads, None, None, None
 
 
-def _adapter_backward(g, x, h, a_s, b_s, a_t, b_t, ids, s_s: float, s_t: float, need_x: bool, need_w):
+def _adapter_backward(g, x, h, w: LoraWeights, ids, need_x: bool, need_w):
     """Backward of the per-sample adapters: ``(dX of the adapters or None, (dA_s, dB_s, dA_t, dB_t))``
     for ``g = dY [B, L, out]``, the shrink's input ``x`` and its output ``h``; ``need_w`` flags the four."""
-    a, b = _gather(a_s, b_s, a_t, b_t, ids, s_s, s_t)                       # re-gathered, not saved
+    a_s, _, a_t, b_t, s_s, s_t = w
+    a, b = _gather(w, ids)                                                   # re-gathered, not saved
     gh = torch.bmm(g, b)                                                     # [B, L, R]
     gx = torch.bmm(gh, a) if need_x else None
     rs = a_s.shape[0] if a_s is not None else 0
@@ -131,7 +152,7 @@ class _LinearPerSampleLora(torch.autograd.Function):
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, w.shape[0])
         torch.mm(x2, w.t(), out=y2) if bias is None else torch.addmm(bias, x2, w.t(), out=y2)
         xd = x if keep is None else x * keep                                 # the adapters' dropped input
-        a, b = _gather(a_s, b_s, a_t, b_t, ids, s_s, s_t)
+        a, b = _gather(LoraWeights(a_s, b_s, a_t, b_t, s_s, s_t), ids)
         h = torch.bmm(xd, a.transpose(1, 2))                                 # shrink: [B, L, R]
         y.baddbmm_(h, b.transpose(1, 2))                                     # expand into the base's output
         need = ctx.needs_input_grad        # save only what backward reads: xd for dA, keep for dX
@@ -146,7 +167,7 @@ class _LinearPerSampleLora(torch.autograd.Function):
     def backward(ctx, g):
         xd, keep, h, weight, a_s, b_s, a_t, b_t, ids = ctx.saved_tensors
         need = ctx.needs_input_grad
-        gx, grads = _adapter_backward(g, xd, h, a_s, b_s, a_t, b_t, ids, *ctx.scales, need[0], need[4:8])
+        gx, grads = _adapter_backward(g, xd, h, LoraWeights(a_s, b_s, a_t, b_t, *ctx.scales), ids, need[0], need[4:8])
         if gx is not None:
             if keep is not None:
                 gx.mul_(keep)                                                # dropout's backward, in place
@@ -156,8 +177,7 @@ class _LinearPerSampleLora(torch.autograd.Function):
 
 
 def linear_per_sample_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                           keep: torch.Tensor | None, a_shared, b_shared, a_task, b_task,
-                           sample_ids: torch.Tensor, scale_shared: float, scale_task: float,
+                           keep: torch.Tensor | None, adapters: LoraWeights, sample_ids: torch.Tensor,
                            weight_in_out: bool = False) -> torch.Tensor:
     """``x W^T + bias`` plus eq. (1) on ``x * keep`` (``keep``: the float dropout mask or None) for
     ``x [B, L, in]`` with one task id per sample, as one autograd op. The weight and bias must be
@@ -168,17 +188,18 @@ def linear_per_sample_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         raise ValueError(f"linear_per_sample_lora: x must be [B, L, in] with ids [B], got {tuple(x.shape)} "
                          f"and {tuple(sample_ids.shape)}")
     shape = x.shape
-    if a_task is None:      # shared only, no routing: all tokens as one sample (plain GEMMs)
+    if adapters.a_task is None:      # shared only, no routing: all tokens as one sample (plain GEMMs)
         x, keep = x.reshape(1, -1, shape[-1]), None if keep is None else keep.reshape(1, -1, shape[-1])
         sample_ids = sample_ids.new_zeros(1)
-    y = _LinearPerSampleLora.apply(x, weight, bias, keep, a_shared, b_shared, a_task, b_task, sample_ids,
-                                   scale_shared, scale_task, weight_in_out)
+    a_s, b_s, a_t, b_t, s_s, s_t = adapters
+    y = _LinearPerSampleLora.apply(x, weight, bias, keep, a_s, b_s, a_t, b_t, sample_ids, s_s, s_t, weight_in_out)
     return y.view(*shape[:-1], y.shape[-1])
 
 
-def per_sample_lora(x: torch.Tensor, a_shared, b_shared, a_task, b_task, sample_ids: torch.Tensor,
-                    scale_shared: float, scale_task: float, base_out: torch.Tensor | None = None) -> torch.Tensor:
+def per_sample_lora(x: torch.Tensor, adapters: LoraWeights, sample_ids: torch.Tensor,
+                    base_out: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. (1) for ``x [B, L, in]`` with one task id per sample; returns ``base_out + delta`` when given."""
+    a_shared, b_shared, a_task, b_task, scale_shared, scale_task = adapters
     if a_task is None:      # shared only: no routing, two plain GEMMs (the add fused into the second)
         h = x.reshape(-1, x.shape[-1]) @ a_shared.t()
         b = (b_shared * scale_shared).t()

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ckf_dist.model.lora_ops import (linear_per_sample_lora, lora_dropout, lora_dropout_mask, multi_lora_torch,
-                                     per_sample_lora)
+from ckf_dist.model.lora_ops import (LoraWeights, linear_per_sample_lora, lora_dropout, lora_dropout_mask,
+                                     multi_lora_torch, per_sample_lora)
 
-__all__ = ["AdapterSpec", "LoraRouting", "MultiLoraLinear", "inject_multi_lora", "multi_lora_layers",
+__all__ = ["AdapterSpec", "LoraRouting", "LoraWeights", "MultiLoraLinear", "inject_multi_lora", "multi_lora_layers",
            "multi_lora_torch"]
 
 
@@ -148,6 +148,8 @@ class MultiLoraLinear(nn.Module):
         self.shared, self.task = shared, task
         self.dropout = dropout
         self.routing = routing
+        self._forced: str | None = None
+        self._plans: dict[tuple, str] = {}                # input kind -> backend name
         self.fused_kernels = fused_kernels
         self.fuse_base_gemm = fuse_base_gemm
         self.one_op = shared is not None and task is not None and _same_index(shared.out_index, task.out_index)
@@ -173,102 +175,156 @@ class MultiLoraLinear(nn.Module):
                     _init_lora_a(getattr(self, f"lora_{kind}_A"))
                     getattr(self, f"lora_{kind}_B").zero_()
 
-    def _weights(self, kind: str):
-        a, b = getattr(self, f"lora_{kind}_A"), getattr(self, f"lora_{kind}_B")
-        return (a.detach(), b.detach()) if self.routing.detach else (a, b)
+    # -- backend choice: once per (device, dtype, input rank, base plain?, decode-sized?) ---------------
+    #
+    # "fused-linear"  the projection's GEMM with the adapters in its epilogue (Triton, one op)
+    # "fused"         the base module, then the fused adapter kernel on flattened tokens (Triton)
+    # "torch-linear"  the projection and the per-sample adapters as one torch autograd op
+    # "torch-sample"  the base module, then the per-sample batched adapters (torch)
+    # "torch-token"   the base module, then the per-token contract op (torch; inputs not [B, L, in])
+    BACKENDS = ("fused-linear", "fused", "torch-linear", "torch-sample", "torch-token")
 
-    def _kernel(self, x: torch.Tensor):
-        """The fused kernel when asked for and usable on this tensor, else None."""
-        return _triton_op() if self.fused_kernels and _kernel_device(x) else None
+    @property
+    def fused_kernels(self) -> bool:
+        return self._fused_kernels
 
-    def _linear_kernel(self, x: torch.Tensor):
-        """The fused base-GEMM + adapters Triton op when asked for and this layer and input fit it, else None."""
-        if not (self.fused_kernels and self.fuse_base_gemm and _kernel_device(x)):
-            return None
-        if x.is_cuda and (x.dtype not in (torch.bfloat16, torch.float16) or x.numel() < 128 * self.in_features):
-            # fp32 products would run on FMA units, far below cuBLAS's GEMM; fewer than 128 rows
-            # (decoding) would leave most of the GEMM's 64-256-row tiles empty
-            return None
-        return _triton_op("linear_multi_lora_triton") if self._one_projection_op() else None
+    @fused_kernels.setter
+    def fused_kernels(self, value: bool) -> None:
+        self._fused_kernels = bool(value)
+        self._plans = {}
 
-    def _one_projection_op(self) -> bool:
-        """Can the base projection and the adapters run as one op? Adapters on all outputs, frozen base."""
-        groups = self._groups()
-        weight, bias = self.base.weight, getattr(self.base, "bias", None)
-        if (len(groups) != 1 or groups[0][2] is not None or weight.requires_grad
-                or (bias is not None and bias.requires_grad)):
-            return False
-        # the base module's forward does more than its GEMM: ZeRO-3 gathers a partitioned weight
-        # in a pre-forward hook (and marks it ds_id), offloading or profiling wrappers hook it
-        # too, as may hooks on every module; one op would skip all of that, so the base runs as
-        # a module instead
+    @property
+    def fuse_base_gemm(self) -> bool:
+        return self._fuse_base_gemm
+
+    @fuse_base_gemm.setter
+    def fuse_base_gemm(self, value: bool) -> None:
+        self._fuse_base_gemm = bool(value)
+        self._plans = {}
+
+    @property
+    def backend(self) -> str | None:
+        """A backend forced for every call (one of :attr:`BACKENDS`), or None: chosen per input kind."""
+        return self._forced
+
+    @backend.setter
+    def backend(self, name: str | None) -> None:
+        if name is not None and name not in self.BACKENDS:
+            raise ValueError(f"{self.name}: unknown Multi-LoRA backend {name!r}; one of {', '.join(self.BACKENDS)}")
+        self._forced = name
+        self._plans = {}
+
+    def backend_for(self, x: torch.Tensor) -> str:
+        """The backend this layer runs ``x`` with (decided on the first input of its kind, then reused)."""
+        key = (x.device.type, x.dtype, x.dim(), self._base_is_plain(),
+               x.numel() >= 128 * self.in_features)
+        name = self._plans.get(key)
+        if name is None:
+            name = self._plans[key] = self._forced or self._choose(x)
+        return name
+
+    def _choose(self, x: torch.Tensor) -> str:
+        kernels = self.fused_kernels and _kernel_device(x)
+        one_projection = self.fuse_base_gemm and self._one_projection_op()
+        if kernels and one_projection and _triton_op("linear_multi_lora_triton") is not None:
+            # on CUDA fp32 products would run on FMA units, far below cuBLAS's GEMM, and fewer than
+            # 128 rows (decoding) would leave most of the GEMM's 64-256-row tiles empty
+            if not x.is_cuda or (x.dtype in (torch.bfloat16, torch.float16) and x.numel() >= 128 * self.in_features):
+                return "fused-linear"
+        if kernels and _triton_op() is not None:
+            return "fused"
+        if x.dim() != 3:
+            return "torch-token"
+        return "torch-linear" if one_projection else "torch-sample"
+
+    def _base_is_plain(self) -> bool:
+        """Does the base module's forward do only its GEMM? ZeRO-3 gathers a partitioned weight in a
+        pre-forward hook (and marks it ``ds_id``); offloading or profiling wrappers hook it too, as
+        may hooks on every module. One op would skip all of that, so a hooked base runs as a module."""
         hooked = (self.base._forward_pre_hooks or self.base._forward_hooks or self.base._backward_pre_hooks
                   or self.base._backward_hooks or any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS))
-        return not (hasattr(weight, "ds_id") or hooked)
+        return not (hasattr(self.base.weight, "ds_id") or hooked)
 
-    def _forward_linear_torch(self, x: torch.Tensor) -> torch.Tensor:
-        """``y = base(x) + adapters`` as one torch autograd op (per-sample path; dX written once)."""
-        keep, keep_scale = lora_dropout_mask(x, self.dropout, self.training, as_bool=False)
-        a_s, b_s, a_t, b_t, s_s, s_t = self._adapter_args(*self._groups()[0][:2], keep_scale)
-        return linear_per_sample_lora(x, self.base.weight, getattr(self.base, "bias", None), keep, a_s, b_s,
-                                      a_t, b_t, self.routing.sample_task_ids(x), s_s, s_t,
-                                      weight_in_out=self.conv1d)
+    def _one_projection_op(self) -> bool:
+        """Can the base projection and the adapters run as one op? Adapters on all outputs, frozen plain base."""
+        groups = self._groups()
+        weight, bias = self.base.weight, getattr(self.base, "bias", None)
+        if (len(groups) != 1 or groups[0][1] is not None or weight.requires_grad
+                or (bias is not None and bias.requires_grad)):
+            return False
+        return self._base_is_plain()
 
-    def _forward_linear_kernel(self, op, x: torch.Tensor) -> torch.Tensor:
-        """``y = base(x) + adapters`` in one op: the projection's GEMM with the expand in its epilogue."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, "_run_" + self.backend_for(x).replace("-", "_"))(x)
+
+    # -- the backends ---------------------------------------------------------------------------------
+
+    def _run_fused_linear(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         keep, keep_scale = lora_dropout_mask(x2, self.dropout, self.training)   # applied inside the op
         w = self.base.weight.t() if self.conv1d else self.base.weight      # as [out, in] (a view for Conv1D)
-        a_s, b_s, a_t, b_t, s_s, s_t = self._adapter_args(*self._groups()[0][:2], keep_scale)
-        y = op(x2, w, getattr(self.base, "bias", None), a_s, b_s, a_t, b_t, self.routing.token_task_ids(x),
-               s_s, s_t, lora_mask=keep)
+        (kinds, _), = self._groups()
+        y = _triton_op("linear_multi_lora_triton")(x2, w, getattr(self.base, "bias", None),
+                                                   *self._adapters(kinds, keep_scale).contract_args(
+                                                       self.routing.token_task_ids(x)), lora_mask=keep)
         return y.view(*x.shape[:-1], self.out_features)
 
-    def _adapter_args(self, use_s: bool, use_t: bool, keep_scale: float):
-        """``(a_s, b_s, a_t, b_t, s_s, s_t)`` of one adapter op (None and 0.0 for an unused kind); the
-        scales carry dropout's 1 / (1 - p)."""
-        a_s, b_s = self._weights("shared") if use_s else (None, None)
-        a_t, b_t = self._weights("task") if use_t else (None, None)
-        return (a_s, b_s, a_t, b_t, self.shared.scale * keep_scale if use_s else 0.0,
-                self.task.scale * keep_scale if use_t else 0.0)
+    def _run_torch_linear(self, x: torch.Tensor) -> torch.Tensor:
+        keep, keep_scale = lora_dropout_mask(x, self.dropout, self.training, as_bool=False)
+        (kinds, _), = self._groups()
+        return linear_per_sample_lora(x, self.base.weight, getattr(self.base, "bias", None), keep,
+                                      self._adapters(kinds, keep_scale), self.routing.sample_task_ids(x),
+                                      weight_in_out=self.conv1d)
 
-    def _groups(self):
-        """(use shared, use task, output index) per adapter op: one op when both write the same outputs."""
+    def _run_fused(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run_per_token(x, _triton_op())
+
+    def _run_torch_token(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run_per_token(x, multi_lora_torch)
+
+    def _run_per_token(self, x: torch.Tensor, op) -> torch.Tensor:
+        """The base module, then a contract op on flattened tokens ``[N, in]`` with per-token task ids."""
+        xd, keep_scale = lora_dropout(x, self.dropout, self.training)     # dropout on x before the shrink
+        xd, y = xd.reshape(-1, self.in_features), self.base(x).reshape(-1, self.out_features)
+        ids = self.routing.token_task_ids(x)
+        for kinds, index in self._groups():
+            delta = op(xd, *self._adapters(kinds, keep_scale).contract_args(ids))
+            y = y + delta if index is None else y.index_add(-1, index, delta)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _run_torch_sample(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        xd, keep_scale = lora_dropout(x, self.dropout, self.training)
+        ids = self.routing.sample_task_ids(x)
+        for kinds, index in self._groups():
+            adapters = self._adapters(kinds, keep_scale)
+            if index is None:
+                y = per_sample_lora(xd, adapters, ids, base_out=y)
+            else:
+                y = y.index_add(-1, index, per_sample_lora(xd, adapters, ids))
+        return y
+
+    def _adapters(self, kinds: tuple[str, ...], keep_scale: float) -> LoraWeights:
+        """The weights of one adapter op (detached in the CF stream); the scales carry dropout's 1 / (1 - p)."""
+        parts = {}
+        for kind in kinds:
+            a, b = getattr(self, f"lora_{kind}_A"), getattr(self, f"lora_{kind}_B")
+            parts[kind] = (a.detach(), b.detach()) if self.routing.detach else (a, b)
+        a_s, b_s = parts.get("shared", (None, None))
+        a_t, b_t = parts.get("task", (None, None))
+        return LoraWeights(a_s, b_s, a_t, b_t, self.shared.scale * keep_scale if "shared" in parts else 0.0,
+                           self.task.scale * keep_scale if "task" in parts else 0.0)
+
+    def _groups(self) -> list[tuple[tuple[str, ...], torch.Tensor | None]]:
+        """(adapter kinds, output index) per adapter op: one op when both kinds write the same outputs."""
         if self.one_op:
-            return [(True, True, self.task_index)]
+            return [(("shared", "task"), self.task_index)]
         groups = []
         if self.shared is not None:
-            groups.append((True, False, self.shared_index))
+            groups.append((("shared",), self.shared_index))
         if self.task is not None:
-            groups.append((False, True, self.task_index))
+            groups.append((("task",), self.task_index))
         return groups
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        linear_op = self._linear_kernel(x)
-        if linear_op is not None:
-            return self._forward_linear_kernel(linear_op, x)
-        kernel = self._kernel(x)
-        if self.fuse_base_gemm and x.dim() == 3 and kernel is None and self._one_projection_op():
-            return self._forward_linear_torch(x)
-        y = self.base(x)
-        xd, keep_scale = lora_dropout(x, self.dropout, self.training)     # dropout on x before the shrink
-        per_token = kernel is not None or x.dim() != 3
-        if per_token:   # the contract op on flattened tokens: [N, in] with per-token task ids
-            ids = self.routing.token_task_ids(x)
-            op = kernel or multi_lora_torch
-            xd, y = xd.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
-        else:
-            ids = self.routing.sample_task_ids(x)
-        for use_s, use_t, index in self._groups():
-            a_s, b_s, a_t, b_t, s_s, s_t = self._adapter_args(use_s, use_t, keep_scale)
-            if per_token:
-                delta = op(xd, a_s, b_s, a_t, b_t, ids, s_s, s_t)
-                y = y + delta if index is None else y.index_add(-1, index, delta)
-            elif index is None:
-                y = per_sample_lora(xd, a_s, b_s, a_t, b_t, ids, s_s, s_t, base_out=y)
-            else:
-                y = y.index_add(-1, index, per_sample_lora(xd, a_s, b_s, a_t, b_t, ids, s_s, s_t))
-        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         parts = [f"in={self.in_features}, out={self.out_features}, tasks={self.n_tasks}"]

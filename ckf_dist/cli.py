@@ -40,9 +40,13 @@ def cmd_config_show(args) -> int:
 
 
 def cmd_prepare(args) -> int:
+    from ckf_dist.config import load_config
     from ckf_dist.stages.prepare import run_prepare
 
-    run_prepare(_load(args), overwrite=args.overwrite, progress=not args.quiet)
+    overrides = list(args.overrides or [])
+    if args.address is not None:           # before the user's --set, which may still change them
+        overrides = ["data.engine=ray", f"data.ray_address={args.address}"] + overrides
+    run_prepare(load_config(args.config, overrides), overwrite=args.overwrite, progress=not args.quiet)
     return 0
 
 
@@ -103,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="raw log -> CF embeddings + pre-tokenized Arrow shards on any fsspec URL")
     _add_config_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace a complete dataset at data.output")
+    p.add_argument("--address", default=None, metavar="RAY_ADDRESS",
+                   help="build the prompt rows and shards on this Ray cluster (sets data.engine=ray and "
+                        "data.ray_address; data.ray_workers actors, default 2)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="run the Ray Train + DeepSpeed job; checkpoints go to train.storage")

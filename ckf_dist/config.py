@@ -11,6 +11,8 @@ starts with the field name, and the loader prefixes the section path and the fil
 
 from __future__ import annotations
 
+import datetime as dt
+
 import dataclasses
 import types
 import typing
@@ -138,6 +140,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (dt.date, dt.datetime)):       # YAML reads an unquoted 2014-01-01 as a date
+            return value.isoformat()
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported annotation {tp!r}")
 

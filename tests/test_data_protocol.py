@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ckf_dist.data.config import DataConfig
-from ckf_dist.data.errors import BadRecords, DataError
+from ckf_dist.data.errors import DataError
 from ckf_dist.data.protocol import build_protocol, counts, kcore
 from ckf_dist.data.sources import load_interactions
 from ckf_dist.data.sources.base import Interactions
@@ -30,9 +30,8 @@ def proto(log):
 def _table(rows, titles=None, text=False):
     """Interactions from (user, item, rating, ts) tuples."""
     users, items, ratings, ts = zip(*rows)
-    return Interactions("test", [str(u) for u in users], [str(i) for i in items], np.array(ratings, np.float32),
-                        np.array(ts, np.float64), titles or {}, reviews=["r"] * len(rows) if text else None,
-                        summaries=[""] * len(rows) if text else None, bad=BadRecords())
+    return Interactions.from_records("test", [str(u) for u in users], [str(i) for i in items], ratings, ts,
+                                     titles or {}, texts=["r"] * len(rows) if text else None)
 
 
 def test_no_leakage_of_the_target(proto):
@@ -137,7 +136,7 @@ def test_dedup_keeps_earliest_interaction():
 
 
 def test_review_only_with_text_and_zero_weights_respected(log):
-    no_text = dataclasses.replace(log, reviews=None, summaries=None)
+    no_text = dataclasses.replace(log, texts=None)
     p = build_protocol(no_text, CFG, seed=1)
     c = counts(p.samples)
     assert all(c[s]["review"] == 0 for s in c) and c["train"]["ctr"] > 0
@@ -176,7 +175,7 @@ def test_nothing_left_is_a_clear_error():
 
 
 def test_review_only_without_text_is_a_clear_error(log):
-    no_text = dataclasses.replace(log, reviews=None, summaries=None)
+    no_text = dataclasses.replace(log, texts=None)
     cfg = dataclasses.replace(CFG, task_weights={"review": 1.0})
     with pytest.raises(DataError, match="need review text"):
         build_protocol(no_text, cfg, seed=1)
@@ -239,3 +238,39 @@ def test_popularity_matched_negatives():
         assert not (set(cands) - {int(t)}) & set(seq.tolist())
     with pytest.raises(ValueError, match="negatives"):
         dataclasses.replace(CFG, negatives="hard").validate()
+
+
+def _days(n_users=40, per_user=12, day=86400.0):
+    """Users u0..: user k's j-th interaction on day k + j (items cycle), ratings 1..5."""
+    return [(f"u{k}", f"i{(k + j) % 30}", 1 + (k + j) % 5, (k + j) * day) for k in range(n_users) for j in range(per_user)]
+
+
+def test_time_window_keeps_only_records_inside_it():
+    rows = _days()
+    cfg = dataclasses.replace(CFG, kcore=1, cold_user_fraction=0.0, cold_max_interactions=0,
+                              time_window=["1970-01-11", 20 * 86400.0])       # days 10..19
+    p = build_protocol(_table(rows), cfg, seed=0)
+    inside = sum(10 * 86400 <= t < 20 * 86400 for *_, t in rows)
+    assert p.stats["in_time_window"] == inside and p.stats["after_dedup"] <= inside
+    assert p.stats["raw_interactions"] == len(rows)
+    with pytest.raises(DataError, match=r"no interaction inside data.time_window .*1970-01-01 \.\. 1970-02-"):
+        build_protocol(_table(rows), dataclasses.replace(cfg, time_window=["2020-01-01", ""]), seed=0)
+    with pytest.raises(ValueError, match="start must be before end"):
+        dataclasses.replace(cfg, time_window=["1970-01-20", "1970-01-10"]).validate()
+
+
+def test_user_sample_is_seeded_and_independent_of_file_order():
+    rows = _days(n_users=60)
+    cfg = dataclasses.replace(CFG, kcore=1, cold_user_fraction=0.0, cold_max_interactions=0, sample_users=25)
+    a = build_protocol(_table(rows), cfg, seed=3)
+    b = build_protocol(_table(rows[::-1]), cfg, seed=3)                     # the same log, lines reversed
+    c = build_protocol(_table(rows), cfg, seed=4)
+    assert a.n_users == 25 and a.stats["sampled_users"] == 25 and a.stats["after_user_sample"] == 25 * 12
+    assert a.user_raw == b.user_raw and a.user_raw != c.user_raw
+    everyone = build_protocol(_table(rows), dataclasses.replace(cfg, sample_users=1000), seed=3)
+    assert everyone.n_users == 60 and everyone.stats["sampled_users"] == 60
+
+
+def test_default_protocol_records_no_subset_stats(proto):
+    assert not {"in_time_window", "sampled_users", "after_user_sample"} & proto.stats.keys()
+    assert proto.table.counts() == counts(proto.samples)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import free_port, tiny_config
@@ -205,3 +206,51 @@ def test_bad_records_end_to_end_error_or_counted_in_manifest(tmp_path):
     bad = m["source"]["bad_records"]
     assert bad["skipped"] == 2 and bad["by_reason"] == {"malformed_json": 1, "rating_out_of_range": 1}
     assert m["source"]["interactions"] == 48 * 12
+
+
+def test_rows_are_written_shard_by_shard(tmp_path, monkeypatch):
+    """Prepare streams prompt rows into shards: when a shard is written, no more than one shard of
+    rows has been built beyond the rows already written (the rows are never all in memory)."""
+    from ckf_dist.data import prompts
+
+    built = {"n": 0}
+    real_build = prompts.PromptBuilder.build
+
+    def counting_build(self, s):
+        built["n"] += 1
+        return real_build(self, s)
+    real_write = shards_mod.DatasetWriter.write_file
+    ahead, written = [], [0]
+
+    def watching_write(self, relpath, data):
+        if "/part-" in relpath:
+            ahead.append(built["n"] - written[0])           # rows built but not yet in a shard
+            written[0] += pq.read_metadata(pa.BufferReader(data)).num_rows
+        return real_write(self, relpath, data)
+    monkeypatch.setattr(prompts.PromptBuilder, "build", counting_build)
+    monkeypatch.setattr(shards_mod.DatasetWriter, "write_file", watching_write)
+    cfg = tiny_config(tmp_path / "ds")
+    m = run_prepare(cfg, progress=False)
+    rows = cfg.data.shard_rows
+    assert len(m["shards"]) >= 4 and max(ahead) == rows             # this shard's rows, no more
+    assert sum(m["counts"]["train"].values()) > 3 * rows
+    assert set(m["stages"]) == {"read", "protocol", "cf", "rows"} and all(v["s"] >= 0 for v in m["stages"].values())
+
+
+def test_prepare_killed_mid_split_leaves_no_complete_dataset(tmp_path, monkeypatch):
+    from ckf_dist.data import prompts
+
+    real_build, calls = prompts.PromptBuilder.build, {"n": 0}
+
+    def dies_later(self, s):
+        calls["n"] += 1
+        if calls["n"] == 150:
+            raise KeyboardInterrupt("killed")
+        return real_build(self, s)
+    monkeypatch.setattr(prompts.PromptBuilder, "build", dies_later)
+    out = tmp_path / "ds"
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare(tiny_config(out), progress=False)
+    assert list((out / "train").glob("part-*.parquet")) and not (out / "manifest.json").exists()
+    with pytest.raises(DataError, match="unfinished `ckf prepare`"):
+        ShardStream(str(out), "train")

@@ -33,7 +33,7 @@ def test_movielens_embedded_is_the_full_ml100k():
     log = load_interactions(DataConfig())
     assert len(log) == 100_000 and len(log.titles) == 1682
     assert set(np.unique(log.ratings)) == {1.0, 2.0, 3.0, 4.0, 5.0}
-    assert log.titles["1"] == "Toy Story" and log.reviews is None and not log.has_text
+    assert log.titles["1"] == "Toy Story" and log.texts is None and not log.has_text
 
 
 def test_recbole_header_columns_found_by_name(tmp_path):
@@ -67,7 +67,7 @@ def test_amazon2014_with_python_literal_metadata(tmp_path):
                                          "{'asin': 'B2', 'salesRank': {'Books': 5}}"])     # no title: raw id later
     log = read_amazon(str(tmp_path), "", BadRecords(), 2014)
     assert log.users == ["A1", "A2"] and log.ratings.tolist() == [5.0, 2.0]
-    assert log.reviews == ["Great read", ""] and log.summaries == ["Loved it", "Meh"]
+    assert log.texts.to_pylist() == ["Loved it", "Meh"]          # the summary, else the review text
     assert log.titles == {"B1": "Dune: the 'classic'"} and log.has_text
 
 
@@ -84,7 +84,7 @@ def test_yelp_review_and_business(tmp_path):
         json.dumps({"user_id": "u1", "business_id": "b2", "stars": 1, "date": "2016-03-10 00:00:00", "text": "Cold food"}) + "\n")
     (tmp_path / "yelp_academic_dataset_business.json").write_text(json.dumps({"business_id": "b1", "name": "Pho Place"}) + "\n")
     log = read_yelp(str(tmp_path), "", BadRecords())
-    assert log.items == ["b1", "b2"] and log.reviews == ["Tasty", "Cold food"]
+    assert log.items == ["b1", "b2"] and log.texts.to_pylist() == ["Tasty", "Cold food"]
     assert log.timestamps[1] - log.timestamps[0] == pytest.approx(86400 - 2682)
     assert log.titles == {"b1": "Pho Place"}
 
@@ -97,7 +97,7 @@ def test_synthetic_is_seeded_and_has_cf_signal(tmp_path):
     assert raw["a"] == raw["b"] and raw["a"] != raw["c"]
     log = read_amazon(a["reviews"], a["meta"], BadRecords(), 2018)
     assert len(log) == 240 and len(set(log.users)) == 30 and len(log.titles) == 20
-    assert all(log.reviews) and all(log.summaries) and len(set(log.ratings.tolist())) >= 3
+    assert all(log.texts.to_pylist()) and len(set(log.ratings.tolist())) >= 3
     cfg = DataConfig(source="synthetic", synthetic_users=30, synthetic_items=20, synthetic_interactions_per_user=8)
     assert load_interactions(cfg, seed=3).users == log.users        # the in-temp-folder path gives the same log
 
@@ -210,3 +210,29 @@ def test_strict_record_types_are_bad_records(tmp_path):
         _amazon(tmp_path, ["[" * 200_000 + "]" * 200_000])
     with pytest.raises(DataError, match=r"field 'unixReviewTime': timestamp -5e\+18 is not Unix seconds"):
         _amazon(tmp_path, [_review(t=-5e18)])
+
+
+def test_synthetic_writer_streams_users_in_blocks_with_the_same_log(tmp_path, monkeypatch):
+    """The writer holds one block of users x items of Gumbel keys at a time; the log does not
+    depend on the block size (a copy of the generator draws the keys, the original skips them)."""
+    import ckf_dist.data.sources.synthetic as synthetic
+
+    write_synthetic(str(tmp_path / "one"), n_users=40, n_items=25, per_user=9, seed=2)
+    monkeypatch.setattr(synthetic, "KEY_BLOCK_ELEMENTS", 3 * 25)        # three users per block
+    write_synthetic(str(tmp_path / "blocks"), n_users=40, n_items=25, per_user=9, seed=2)
+    one, blocks = (gzip.open(tmp_path / k / "reviews_Synthetic.json.gz").read() for k in ("one", "blocks"))
+    assert one == blocks and one.count(b"\n") == 40 * 9
+
+
+def test_malformed_line_deep_in_a_large_gzip_is_named(tmp_path):
+    """Reading streams the file: a bad record at line 120,001 is named with its line, and the
+    table is compact (int32 codes per record, one id string per distinct user or item)."""
+    lines = [_review(f"U{k % 4000}", f"B{k % 700}", 1.0 + k % 5, 1000 + k) for k in range(150_000)]
+    lines[120_000] = '{"reviewerID": "U1", "asin": '
+    path = _gz(tmp_path / "reviews_Big.json.gz", lines)
+    with pytest.raises(DataError, match=r"reviews_Big\.json\.gz:120001: malformed JSON"):
+        read_amazon(path, "", BadRecords(), 2018)
+    log = read_amazon(path, "", BadRecords("skip"), 2018)
+    assert len(log) == 149_999 and log.bad.skipped == 1
+    assert log.user.dtype == np.int32 and log.item.dtype == np.int32
+    assert len(log.user_ids) == 4000 and len(log.item_ids) == 700

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,6 +17,8 @@ class DataConfig:
     path: str = ""                     # raw files (folder or file); unused for movielens-embedded
     meta_path: str = ""                # amazon metadata file (titles) where separate
     output: str = "runs/data/ml-100k"  # fsspec URL of the prepared dataset
+    time_window: list[str | float] = field(default_factory=list)   # [start, end): UTC dates/times or Unix seconds; "" = open
+    sample_users: int = 0              # > 0: keep this many users (seeded draw) before k-core; 0 = all
     kcore: int = 5
     split: Literal["leave-last-out", "temporal"] = "leave-last-out"   # per-user last items, or global time cuts
     temporal_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])   # train/valid/test (temporal)
@@ -32,12 +35,28 @@ class DataConfig:
     max_title_chars: int = 80
     max_review_tokens: int = 32        # review task: the answer (summary, else review text) is cut to this many tokens
     shard_rows: int = 2048
+    engine: Literal["local", "ray"] = "local"    # where prompt rows are built and shards written
+    ray_workers: int = 2               # engine ray: row-building actors (1 CPU each)
+    ray_address: str = ""              # engine ray: cluster to join ("" starts a local one)
     bad_records: Literal["error", "skip"] = "error"
     synthetic_users: int = 300
     synthetic_items: int = 200
     synthetic_interactions_per_user: int = 30
 
+    def window_seconds(self) -> tuple[float | None, float | None]:
+        """``time_window`` as Unix seconds (None for an open end)."""
+        if not self.time_window:
+            return None, None
+        if len(self.time_window) != 2:
+            raise ValueError(f"time_window: [start, end] (either may be \"\"), got {self.time_window}")
+        return tuple(_when(v, f"time_window[{k}]") for k, v in enumerate(self.time_window))
+
     def validate(self) -> None:
+        start, end = self.window_seconds()
+        if start is not None and end is not None and not start < end:
+            raise ValueError(f"time_window: start must be before end, got {self.time_window}")
+        if self.sample_users < 0:
+            raise ValueError(f"sample_users: must be >= 0 (0 keeps every user), got {self.sample_users}")
         if self.kcore < 1:
             raise ValueError(f"kcore: must be >= 1, got {self.kcore}")
         if not 1 <= self.max_history <= 512:
@@ -53,6 +72,10 @@ class DataConfig:
             raise ValueError(f"temporal_fractions: three positive fractions (train, valid, test) summing to 1, got {fr}")
         if self.negatives not in ("uniform", "popularity"):
             raise ValueError(f"negatives: 'uniform' or 'popularity', got {self.negatives!r}")
+        if self.engine not in ("local", "ray"):
+            raise ValueError(f"engine: 'local' or 'ray', got {self.engine!r}")
+        if self.ray_workers < 1:
+            raise ValueError(f"ray_workers: must be >= 1, got {self.ray_workers}")
         if self.shard_rows < 1:
             raise ValueError(f"shard_rows: must be >= 1, got {self.shard_rows}")
         if self.max_length < 16:
@@ -76,3 +99,19 @@ class DataConfig:
             raise ValueError("task_weights: at least one task needs a weight > 0")
         if self.source not in ("movielens-embedded", "synthetic") and not self.path:
             raise ValueError(f"path: source {self.source!r} needs data.path (the raw files)")
+
+
+def _when(value, key: str) -> float | None:
+    """A window end as Unix seconds: "" (open), a number of seconds, or an ISO date / date-time (UTC unless given)."""
+    text = str(value).strip()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{key}: {value!r} is not a date (YYYY-MM-DD[THH:MM[:SS]]), Unix seconds or \"\"") from None
+    return (when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)).timestamp()

@@ -25,16 +25,21 @@ depend on processing order.
 
 from __future__ import annotations
 
+import datetime as dt
+from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ckf_dist.contract import SPLITS, TASKS
 from ckf_dist.data.config import DataConfig
 from ckf_dist.data.errors import DataError
 from ckf_dist.data.sources.base import Interactions
 
-_STREAM = {"cold": 1, "valid": 2, "test": 3, "task-valid": 4, "task-test": 5, "train": 6}
+TASK_CODE = {t: k for k, t in enumerate(TASKS)}
+_STREAM = {"cold": 1, "valid": 2, "test": 3, "task-valid": 4, "task-test": 5, "train": 6, "users": 7}
 
 
 @dataclass(slots=True)
@@ -54,6 +59,47 @@ class Sample:
     warm: bool
 
 
+class SampleTable:
+    """Every sample to build, in columnar form (the prompt rows are built from it chunk by chunk).
+
+    Per sample: split and task codes (indices into SPLITS and TASKS), user, the target's
+    position in the user's sequence and, for sequential samples, its slice of the flat
+    candidate array. Appended in protocol order (valid targets, test targets, training).
+    """
+
+    def __init__(self) -> None:
+        self.split, self.task = array("b"), array("b")
+        self.user, self.pos = array("i"), array("i")
+        self.cand_start, self.cand_len = array("q"), array("h")
+        self.cands = array("i")
+
+    def add(self, split: int, task: int, user: int, pos: int, cands: list[int] | None) -> None:
+        self.split.append(split)
+        self.task.append(task)
+        self.user.append(user)
+        self.pos.append(pos)
+        if cands is None:
+            self.cand_start.append(-1)
+            self.cand_len.append(0)
+        else:
+            self.cand_start.append(len(self.cands))
+            self.cand_len.append(len(cands))
+            self.cands.extend(cands)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def indices(self, split: str) -> np.ndarray:
+        """Sample indices of one split, in protocol order."""
+        return np.flatnonzero(np.frombuffer(self.split, dtype=np.int8) == SPLITS.index(split))
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """``{split: {task: n}}`` over all splits and tasks (zeros included)."""
+        n = np.bincount(np.frombuffer(self.split, dtype=np.int8).astype(np.int64) * len(TASKS)
+                        + np.frombuffer(self.task, dtype=np.int8), minlength=len(SPLITS) * len(TASKS))
+        return {s: {t: int(n[a * len(TASKS) + b]) for b, t in enumerate(TASKS)} for a, s in enumerate(SPLITS)}
+
+
 @dataclass
 class Protocol:
     """The split log: id maps, per-user sequences, CF training pairs, eval targets, samples."""
@@ -70,14 +116,34 @@ class Protocol:
     train_ratings: np.ndarray           # float32 [N]
     targets: dict[str, np.ndarray]      # split -> item id per target (leave-last-out: one per user)
     candidates: dict[str, list[list[int]]]   # split -> per target candidate list (true item included)
-    samples: list[Sample] = field(default_factory=list)
+    table: SampleTable = field(default_factory=SampleTable)
     stats: dict = field(default_factory=dict)
     seq_split: list[np.ndarray] = field(default_factory=list)    # per user, per interaction: 0 history, 1 valid, 2 test
     target_users: dict[str, np.ndarray] = field(default_factory=dict)   # split -> user of each target
+    texts: pa.Array | None = None       # text of every kept interaction, users' sequences one after another
+    user_start: np.ndarray | None = None    # int64 [n_users]: where each user's sequence starts in ``texts``
+    max_history: int = 10
+    like_threshold: float = 4.0
 
     def n_history(self, user: int) -> int:
         """Interactions of ``user`` before its first validation target (its known history)."""
         return int((self.seq_split[user] == 0).sum())
+
+    def sample(self, k: int) -> Sample:
+        """Sample ``k`` of the table, materialized."""
+        t = self.table
+        x, pos, start = int(t.user[k]), int(t.pos[k]), int(t.cand_start[k])
+        task = TASKS[t.task[k]]
+        cands = t.cands[start:start + t.cand_len[k]].tolist() if start >= 0 else []
+        text = self.texts[int(self.user_start[x]) + pos].as_py() if task == "review" else ""
+        return _sample(SPLITS[t.split[k]], task, x, self.seqs[x], self.seq_ratings[x], pos, self.max_history, cands,
+                       text, bool(self.warm[x]), self.like_threshold)
+
+    @property
+    def samples(self) -> list[Sample]:
+        """Every sample, materialized, in protocol order (for tests and small logs; prepare builds
+        rows from :attr:`table` chunk by chunk instead)."""
+        return [self.sample(k) for k in range(len(self.table))]
 
 
 def _rng(seed: int, stream: str, user: int) -> np.random.Generator:
@@ -166,34 +232,78 @@ def _label(task: str, rating: float, cands: list[int], item: int, like: float) -
     return float(rating)
 
 
-def _index(log: Interactions, k: int) -> tuple:
+def _index(log: Interactions, cfg: DataConfig, seed: int) -> tuple:
     """Dedup, k-core and remap: (order of kept records, user ids, item ids, raw maps, stats)."""
     if len(log) == 0:
         raise DataError(f"{log.source}: no interactions")
-    u_raw, u = np.unique(np.asarray(log.users, dtype=object).astype(str), return_inverse=True)
-    i_raw, i = np.unique(np.asarray(log.items, dtype=object).astype(str), return_inverse=True)
-    order = np.lexsort((np.arange(len(u)), log.timestamps, u))       # user, time, input order
+    u_rank, u_raw = _sorted_codes(log.user_ids)
+    i_rank, i_raw = _sorted_codes(log.item_ids)
+    u, i = u_rank[log.user], i_rank[log.item]                          # codes in raw-id order
+    sel, subset_stats = _subset(log, u, len(u_raw), cfg, seed)
+    order = sel[np.lexsort((sel, log.timestamps[sel], u[sel]))]      # user, time, input order
     key = u[order].astype(np.int64) * len(i_raw) + i[order]
     _, first = np.unique(key, return_index=True)                      # earliest per (user, item)
     order = order[np.sort(first)]
+    del key
+    k = cfg.kcore
     keep = kcore(u[order], i[order], k)
     order = order[keep]
     if len(order) == 0:
-        raise DataError(f"{log.source}: nothing left after {k}-core filtering of {len(log)} interactions; lower data.kcore")
+        raise DataError(f"{log.source}: nothing left after {k}-core filtering of {len(sel)} interactions"
+                        f"{' (after the data.time_window / data.sample_users subset)' if subset_stats else ''}; "
+                        f"lower data.kcore")
     uk, u_new = np.unique(u[order], return_inverse=True)
     ik, i_new = np.unique(i[order], return_inverse=True)
-    stats = {"raw_interactions": len(log), "after_dedup": int(len(first)), "after_kcore": int(len(order))}
+    stats = {"raw_interactions": len(log), **subset_stats, "after_dedup": int(len(first)), "after_kcore": int(len(order))}
     return order, u_new, i_new, [str(x) for x in u_raw[uk]], [str(x) for x in i_raw[ik]], stats
+
+
+def _subset(log: Interactions, u: np.ndarray, n_users: int, cfg: DataConfig, seed: int) -> tuple[np.ndarray, dict]:
+    """Records kept by ``data.time_window`` and ``data.sample_users`` (all when unset), and their counts.
+
+    The window keeps records with ``start <= timestamp < end``; the user sample draws
+    ``sample_users`` of the users left in the window, seeded, over users in raw-id order (so the
+    draw does not depend on the order of the input file).
+    """
+    keep = np.ones(len(u), dtype=bool)
+    stats: dict = {}
+    start, end = cfg.window_seconds()
+    if start is not None or end is not None:
+        ts = log.timestamps
+        keep &= (ts >= start if start is not None else True) & (ts < end if end is not None else True)
+        stats["in_time_window"] = int(keep.sum())
+        if not stats["in_time_window"]:
+            raise DataError(f"{log.source}: no interaction inside data.time_window {cfg.time_window} "
+                            f"(the log spans {_day(ts.min())} .. {_day(ts.max())})")
+    if cfg.sample_users:
+        present = np.flatnonzero(np.bincount(u[keep], minlength=n_users))
+        if cfg.sample_users < len(present):
+            chosen = np.zeros(n_users, dtype=bool)
+            chosen[np.random.default_rng([seed, _STREAM["users"]]).choice(present, cfg.sample_users, replace=False)] = True
+            keep &= chosen[u]
+        stats.update(sampled_users=int(min(cfg.sample_users, len(present))), after_user_sample=int(keep.sum()))
+    return np.flatnonzero(keep), stats
+
+
+def _day(ts: float) -> str:
+    return dt.datetime.fromtimestamp(float(ts), dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+def _sorted_codes(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(rank of each code's raw id among the sorted distinct ids, the sorted ids)."""
+    arr = np.array(names, dtype=str)
+    by_name = np.argsort(arr)
+    rank = np.empty(len(arr), dtype=np.int32)
+    rank[by_name] = np.arange(len(arr), dtype=np.int32)
+    return rank, arr[by_name]
 
 
 def build_protocol(log: Interactions, cfg: DataConfig, seed: int) -> Protocol:
     """Run the whole protocol on a normalized log (see the module docstring)."""
-    order, u, i, user_raw, item_raw, stats = _index(log, cfg.kcore)
+    order, u, i, user_raw, item_raw, stats = _index(log, cfg, seed)
     n_items = len(item_raw)
     ratings = log.ratings[order]
-    texts = None
-    if log.reviews is not None:
-        texts = [(log.summaries[j] or log.reviews[j]) for j in order.tolist()]
+    texts = log.texts.take(pa.array(order)) if log.texts is not None else None
     bounds = np.flatnonzero(np.diff(u)) + 1
     starts = np.concatenate([[0], bounds])
     ends = np.concatenate([bounds, [len(u)]])
@@ -206,7 +316,9 @@ def build_protocol(log: Interactions, cfg: DataConfig, seed: int) -> Protocol:
         raise DataError(f"{log.source}: no user has >= 3 interactions after filtering")
     seqs = [i[s:e].astype(np.int64) for s, e in zip(starts, ends)]
     seq_ratings = [ratings[s:e] for s, e in zip(starts, ends)]
-    seq_texts = [texts[s:e] for s, e in zip(starts, ends)] if texts is not None else None
+    if texts is not None:
+        lengths = pc.binary_length(texts).to_numpy(zero_copy_only=False)
+        has_text = lengths > 0                                        # per kept interaction
     item_titles = [log.titles.get(r) or f"item {r}" for r in item_raw]
     seq_split = _split_labels(cfg, log.timestamps[order], starts, ends, stats)
     n_hist = np.array([int((lab == 0).sum()) for lab in seq_split])
@@ -228,8 +340,11 @@ def build_protocol(log: Interactions, cfg: DataConfig, seed: int) -> Protocol:
     stats["train_interactions"] = int(len(train_pairs))
 
     proto = Protocol(n_users, n_items, user_raw, item_raw, item_titles, warm, seqs, seq_ratings, train_pairs,
-                     np.concatenate(pr).astype(np.float32), {}, {}, seq_split=seq_split)
-    H, K = cfg.max_history, cfg.n_candidates
+                     np.concatenate(pr).astype(np.float32), {}, {}, seq_split=seq_split, texts=texts,
+                     user_start=starts.astype(np.int64), max_history=cfg.max_history,
+                     like_threshold=cfg.like_threshold)
+    table = proto.table
+    K = cfg.n_candidates
     cdf = popularity_cdf(train_pairs[:, 1], n_items) if cfg.negatives == "popularity" else None
     pick = TaskPicker(cfg.task_weights)
     for code, split in ((1, "valid"), (2, "test")):
@@ -245,10 +360,9 @@ def build_protocol(log: Interactions, cfg: DataConfig, seed: int) -> Protocol:
                 items.append(int(s[t]))
                 owners.append(x)
                 cand_lists.append(cands)
-                text = seq_texts[x][t] if seq_texts is not None else ""
-                task = pick(float(task_rng.random()), bool(text))
+                task = pick(float(task_rng.random()), texts is not None and bool(has_text[starts[x] + t]))
                 if task is not None:
-                    proto.samples.append(_sample(split, task, x, s, seq_ratings[x], t, H, cands, text, bool(warm[x]), cfg))
+                    table.add(code, TASK_CODE[task], x, t, cands if task == "sequential" else None)
         proto.targets[split] = np.array(items, dtype=np.int64)
         proto.target_users[split] = np.array(owners, dtype=np.int64)
         proto.candidates[split] = cand_lists
@@ -260,15 +374,14 @@ def build_protocol(log: Interactions, cfg: DataConfig, seed: int) -> Protocol:
         exclude = set(s.tolist())
         uniforms = rng.random(len(s)).tolist()
         for t in range(first, end):
-            text = seq_texts[x][t] if seq_texts is not None else ""
-            task = pick(uniforms[t], bool(text))
+            task = pick(uniforms[t], texts is not None and bool(has_text[starts[x] + t]))
             if task is None:
                 continue
-            cands = make_candidates(rng, int(s[t]), n_items, exclude, K, cdf) if task == "sequential" else []
-            proto.samples.append(_sample("train", task, x, s, seq_ratings[x], t, H, cands, text, True, cfg))
-    stats["has_text"] = seq_texts is not None and any(any(t) for t in seq_texts)
+            cands = make_candidates(rng, int(s[t]), n_items, exclude, K, cdf) if task == "sequential" else None
+            table.add(0, TASK_CODE[task], x, t, cands)
+    stats["has_text"] = texts is not None and bool(has_text.any())
     eligible = sum(max(0, int(n_hist[x]) - 1) for x in np.flatnonzero(warm).tolist())
-    if eligible and not any(smp.split == "train" for smp in proto.samples):
+    if eligible and not len(table.indices("train")):
         raise DataError(f"{log.source}: no training samples: the tasks with weight > 0 ({cfg.task_weights}) need "
                         f"{'review text, which this source lacks' if not stats['has_text'] else 'more data'}")
     proto.stats = stats
@@ -295,11 +408,11 @@ def _split_labels(cfg: DataConfig, times: np.ndarray, starts: np.ndarray, ends: 
     return out
 
 
-def _sample(split, task, user, seq, rats, t, H, cands, text, warm, cfg) -> Sample:
+def _sample(split, task, user, seq, rats, t, H, cands, text, warm, like: float) -> Sample:
     lo = max(0, t - H)
     item, rating = int(seq[t]), float(rats[t])
     return Sample(split, task, user, item, seq[lo:t].tolist(), [float(r) for r in rats[lo:t]], rating,
-                  _label(task, rating, cands, item, cfg.like_threshold), cands if task == "sequential" else [],
+                  _label(task, rating, cands, item, like), cands if task == "sequential" else [],
                   text if task == "review" else "", warm)
 
 

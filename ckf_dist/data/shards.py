@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import socket
 import time
+from collections.abc import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -73,14 +75,46 @@ def preflight(url: str, overwrite: bool = False, storage_options: dict | None = 
                         f"pass --overwrite to replace it or choose another data.output")
 
 
-class DatasetWriter:
+def write_shard(write_file, split: str, index: int, rows: list[dict]) -> dict:
+    """Write one shard of ``rows`` through ``write_file(relpath, data)``; returns its manifest entry."""
+    table = pa.table({c: pa.array([r[c] for r in rows], type=SCHEMA.field(c).type) for c in COLUMNS}, schema=SCHEMA)
+    entry = write_file(f"{split}/part-{index:05d}.parquet", table_bytes(table))
+    entry.update(split=split, rows=len(rows))
+    return entry
+
+
+class ShardFiles:
+    """Writes files into a dataset folder. A row-building worker holds one of these (the driver's
+    :class:`DatasetWriter` made the folder and commits the manifest)."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url = url
+        self.fs, self.root = open_url(url, storage_options)
+        self._dirs: set[str] = set()
+
+    def write_file(self, relpath: str, data: bytes) -> dict:
+        """Store one file under the dataset; returns its ``{path, bytes, sha256}``."""
+        path = join(self.root, relpath)
+        try:
+            parent = path.rsplit("/", 1)[0]
+            if parent not in self._dirs:
+                self.fs.makedirs(parent, exist_ok=True)    # local filesystems need the folder; object stores ignore it
+                self._dirs.add(parent)
+            self.fs.pipe_file(path, data)
+        except Exception as exc:  # noqa: BLE001
+            raise unreachable(f"{self.url}/{relpath}", exc) from None
+        return {"path": relpath, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    def write_shard(self, split: str, index: int, rows: list[dict]) -> dict:
+        return write_shard(self.write_file, split, index, rows)
+
+
+class DatasetWriter(ShardFiles):
     """Writes one prepared dataset under ``url``; nothing looks complete before :meth:`commit`."""
 
     def __init__(self, url: str, overwrite: bool = False, storage_options: dict | None = None):
-        self.url = url
-        self.fs, self.root = open_url(url, storage_options)
+        super().__init__(url, storage_options)
         self.shards: list[dict] = []
-        self._dirs: set[str] = set()
         self._prepare_prefix(overwrite)
 
     def _prepare_prefix(self, overwrite: bool) -> None:
@@ -110,30 +144,22 @@ class DatasetWriter:
         except Exception as exc:  # noqa: BLE001
             raise unreachable(url, exc) from None
 
-    def write_file(self, relpath: str, data: bytes) -> dict:
-        """Store one file under the dataset; returns its ``{path, bytes, sha256}``."""
-        path = join(self.root, relpath)
-        try:
-            parent = path.rsplit("/", 1)[0]
-            if parent not in self._dirs:
-                self.fs.makedirs(parent, exist_ok=True)    # local filesystems need the folder; object stores ignore it
-                self._dirs.add(parent)
-            self.fs.pipe_file(path, data)
-        except Exception as exc:  # noqa: BLE001
-            raise unreachable(f"{self.url}/{relpath}", exc) from None
-        return {"path": relpath, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-    def write_split(self, split: str, rows: list[dict], shard_rows: int) -> list[dict]:
-        """Write ``rows`` (dicts with :data:`COLUMNS`) as ``<split>/part-NNNNN.parquet`` shards."""
+    def write_split(self, split: str, rows: Iterable[dict], shard_rows: int) -> list[dict]:
+        """Write ``rows`` (dicts with :data:`COLUMNS`; any iterable, consumed shard by shard, so only
+        one shard of rows is held) as ``<split>/part-NNNNN.parquet`` shards."""
         out = []
-        for k, start in enumerate(range(0, len(rows), shard_rows)):
-            chunk = rows[start:start + shard_rows]
-            table = pa.table({c: pa.array([r[c] for r in chunk], type=SCHEMA.field(c).type) for c in COLUMNS}, schema=SCHEMA)
-            entry = self.write_file(f"{split}/part-{k:05d}.parquet", table_bytes(table))
-            entry.update(split=split, rows=len(chunk))
-            out.append(entry)
+        it = iter(rows)
+        while True:
+            chunk = list(itertools.islice(it, shard_rows))
+            if not chunk:
+                break
+            out.append(write_shard(self.write_file, split, len(out), chunk))
         self.shards += out
         return out
+
+    def add_shards(self, entries: list[dict]) -> None:
+        """Record shards written elsewhere (by row-building workers), in manifest order."""
+        self.shards += entries
 
     def commit(self, manifest: dict) -> dict:
         """Write the manifest (atomically, last) and remove the in-progress marker."""

@@ -8,41 +8,64 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 import time
 
 import numpy as np
 import pyarrow as pa
 
-from ckf_dist.contract import TASK_ID
 from ckf_dist.cf import train_cf
 from ckf_dist.data.prompts import PromptBuilder
-from ckf_dist.data.protocol import SPLITS, Protocol, Sample, build_protocol, counts
+from ckf_dist.data.protocol import SPLITS, Protocol, build_protocol
+from ckf_dist.data.rows import ShardBuilder, iter_rows, shard_plan, slim, split_order
 from ckf_dist.data.shards import DatasetWriter, preflight, table_bytes
 from ckf_dist.data.sources import load_interactions
 from ckf_dist.resources import load_tokenizer, tokenizer_fingerprint
+from ckf_dist.progress import StageClock, bar
 from ckf_dist.progress import log as status
 
+# data config fields that choose how a dataset is computed, not what it holds (kept out of
+# the manifest's data_config, so every engine writes the same manifest)
+ENGINE_FIELDS = ("engine", "ray_workers", "ray_address")
 
 
-def build_rows(proto: Protocol, builder: PromptBuilder, seed: int) -> dict[str, list[dict]]:
-    """Shard rows per split; training rows in a seeded global shuffle, eval rows by user."""
-    by_split: dict[str, list[Sample]] = {s: [] for s in SPLITS}
-    for smp in proto.samples:
-        by_split[smp.split].append(smp)
-    perm = np.random.default_rng([seed, 31]).permutation(len(by_split["train"]))
-    by_split["train"] = [by_split["train"][k] for k in perm]
-    rows: dict[str, list[dict]] = {}
-    next_id = 0
-    for split in SPLITS:
-        out = []
-        for smp in by_split[split]:
-            row = builder.build(smp)
-            row.update(sample_id=next_id, split=split, task=smp.task, task_id=TASK_ID[smp.task], user=smp.user,
-                       item=smp.item, warm=smp.warm, label=smp.label, candidates=smp.candidates)
-            next_id += 1
-            out.append(row)
-        rows[split] = out
-    return rows
+def _engine_line(d) -> str:
+    return f"ray, {d.ray_workers} workers" if d.engine == "ray" else "local"
+
+
+def _rows_on_ray(cfg, proto: Protocol, writer: DatasetWriter, lease, progress: bool) -> int:
+    """Build and write the shards on ``data.ray_workers`` Ray actors (joining ``data.ray_address``,
+    or a local cluster started here); entries come back in manifest order. Returns the largest
+    peak RSS of the workers, in bytes."""
+    import ray
+    from ray.util import ActorPool
+
+    d = cfg.data
+    started = not ray.is_initialized()
+    if started:
+        env = {k: os.environ[k] for k in cfg.train.forward_env if k in os.environ}
+        if d.ray_address:
+            ray.init(address=d.ray_address, runtime_env={"env_vars": env}, log_to_driver=True)
+        else:   # one logical CPU per worker plus headroom (Ray waits forever when every CPU is held)
+            ray.init(num_cpus=d.ray_workers + 2, include_dashboard=False, log_to_driver=True,
+                     runtime_env={"env_vars": env})
+    try:
+        ref = ray.put(slim(proto))
+        actor = ray.remote(num_cpus=1)(ShardBuilder)
+        workers = [actor.remote(ref, d.tokenizer, d.output, d.max_title_chars, d.max_review_tokens, d.max_length)
+                   for _ in range(d.ray_workers)]
+        jobs = shard_plan(proto, cfg.seed, d.shard_rows)
+        results = ActorPool(workers).map(lambda w, job: w.write.remote(job), jobs)     # in job order
+        entries = []
+        for entry in bar(results, len(jobs), "  shards", progress):
+            entries.append(entry)
+            lease.check()
+        writer.add_shards(entries)
+        return max(ray.get([w.peak_rss.remote() for w in workers]))
+    finally:
+        if started:
+            ray.shutdown()
+
 
 
 def _metrics_lines(metrics: dict) -> list[str]:
@@ -99,21 +122,28 @@ def _prepare(cfg, overwrite: bool, progress: bool, lease) -> dict:
 
     d = cfg.data
     start = time.perf_counter()
+    stages = StageClock()
     preflight(d.output, overwrite)
     status(progress, f"prepare: source {d.source}{' (' + d.path + ')' if d.path else ''} -> {d.output}")
     log = load_interactions(d, cfg.seed)
+    stages.lap("read")
     status(progress, f"  read {len(log):,} interactions, {len(log.titles):,} titles, skipped {log.bad.skipped} bad records "
-                   f"[{time.perf_counter() - start:.1f}s]")
+                   f"[{stages.line('read')}]")
     proto = build_protocol(log, d, cfg.seed)
+    source_info = {"kind": d.source, "path": d.path, "files": log.files, "interactions": len(log)}
+    bad_records = log.bad.report()
+    del log                                        # the protocol keeps what it needs, in compact arrays
+    stages.lap("protocol")
     st = proto.stats
     status(progress, f"  {d.kcore}-core: {st['after_kcore']:,} interactions, {proto.n_users:,} users ({st['warm_users']:,} warm, "
-                   f"{proto.n_users - st['warm_users']:,} cold), {proto.n_items:,} items [{time.perf_counter() - start:.1f}s]")
+                   f"{proto.n_users - st['warm_users']:,} cold), {proto.n_items:,} items, {len(proto.table):,} samples "
+                   f"[{stages.line('protocol')}]")
     cf = train_cf(proto, cfg.cf, cfg.seed)
-    status(progress, "\n".join(_metrics_lines(cf.metrics)) + f"\n  [{time.perf_counter() - start:.1f}s]")
+    stages.lap("cf")
+    status(progress, "\n".join(_metrics_lines(cf.metrics)) + f"\n  [{stages.line('cf')}]")
     tok = load_tokenizer(d.tokenizer)
     builder = PromptBuilder(tok, proto.titles, d.max_title_chars, d.max_review_tokens, d.max_length)
-    rows = build_rows(proto, builder, cfg.seed)
-    task_counts = counts(proto.samples)
+    task_counts = proto.table.counts()
     writer = DatasetWriter(d.output, overwrite=overwrite)
     files = {}
     items_bytes, users_bytes = _tables(proto, builder)
@@ -122,13 +152,23 @@ def _prepare(cfg, overwrite: bool, progress: bool, lease) -> dict:
     files["cf_embeddings"] = writer.write_file("cf/embeddings.safetensors", save_safetensors({"user": cf.user, "item": cf.item}))
     files["cf_metrics"] = writer.write_file("cf/metrics.json", json.dumps(cf.metrics, indent=1).encode())
     files["cf_interactions"] = writer.write_file("cf/interactions.parquet", interactions_table(proto))
-    for split in SPLITS:
-        writer.write_split(split, rows[split], d.shard_rows)
+    worker_rss = None
+    if d.engine == "ray":
+        worker_rss = _rows_on_ray(cfg, proto, writer, lease, progress)
+    else:
+        next_id = 0
+        for split, idx in split_order(proto, cfg.seed).items():
+            rows = bar(iter_rows(proto, builder, idx, split, next_id), len(idx), f"  {split} rows", progress)
+            writer.write_split(split, rows, d.shard_rows)      # shard by shard: one shard of rows in memory
+            next_id += len(idx)
+            lease.check()
+    stages.lap("rows", worker_rss_gb=None if worker_rss is None else round(worker_rss / 2**30, 3))
+    status(progress, f"  built and wrote {sum(e['rows'] for e in writer.shards):,} prompt rows in {len(writer.shards)} "
+                     f"shards ({_engine_line(d)}) [{stages.line('rows')}]")
     manifest = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"kind": d.source, "path": d.path, "files": log.files, "interactions": len(log),
-                   "has_text": bool(st["has_text"]), "bad_records": log.bad.report()},
-        "data_config": dataclasses.asdict(d),
+        "source": dict(source_info, has_text=bool(st["has_text"]), bad_records=bad_records),
+        "data_config": {k: v for k, v in dataclasses.asdict(d).items() if k not in ENGINE_FIELDS},
         "seed": cfg.seed,
         "tokenizer": {"name": d.tokenizer, "fingerprint": tokenizer_fingerprint(tok), "vocab_size": len(tok),
                       "pad_id": builder.pad_id, "eos_id": builder.eos_id, "slot_id": builder.slot_id},
@@ -139,6 +179,8 @@ def _prepare(cfg, overwrite: bool, progress: bool, lease) -> dict:
         "cf": {"path": "cf/embeddings.safetensors", "model": cfg.cf.model, "dim": cfg.cf.dim, "metrics": cf.metrics},
         "protocol": st,
         "files": files,
+        "stages": stages.summary(),                # time and peak memory per stage (not part of the data)
+        "engine": {k: getattr(d, k) for k in ENGINE_FIELDS},    # how it was computed (not part of the data)
     }
     lease.check()                                  # still ours: nobody took the folder over meanwhile
     manifest = writer.commit(manifest)
@@ -148,5 +190,7 @@ def _prepare(cfg, overwrite: bool, progress: bool, lease) -> dict:
             print(f"    {split:5s} " + "  ".join(f"{t} {n:,}" for t, n in task_counts[split].items()) +
                   f"  (total {sum(task_counts[split].values()):,})")
         n_shards = len(manifest["shards"])
+        print("  stages: " + ", ".join(f"{k} {v['s']:.1f}s" for k, v in manifest["stages"].items())
+              + f"; peak memory {max(v['rss_gb'] for v in manifest['stages'].values()):.2f} GB", flush=True)
         print(f"  wrote {n_shards} shards + manifest to {d.output} in {time.perf_counter() - start:.1f}s", flush=True)
     return manifest

@@ -11,55 +11,103 @@ from __future__ import annotations
 import gzip
 import math
 import zlib
+from array import array
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ckf_dist.data.errors import BadRecords, DataError, where
 
 RATING_RANGE = (1.0, 5.0)
 
 
+TEXT_CHUNK = 65_536                  # records of text held as Python strings before they become Arrow
+
+
 @dataclass
 class Interactions:
-    """One normalized log: parallel columns plus item titles (raw item id -> title)."""
+    """One normalized log in columnar form: per record an int32 user and item code (into the
+    raw id lists ``user_ids`` / ``item_ids``, in first-seen order), rating, timestamp and the
+    record's text (its summary, else its review text; Arrow, or None when the source has no
+    text), plus item titles. No per-record Python object: memory is ~20 bytes per record plus
+    the text and the id maps."""
 
     source: str
-    users: list[str]
-    items: list[str]
+    user: np.ndarray               # int32 [n] code into user_ids
+    item: np.ndarray               # int32 [n] code into item_ids
+    user_ids: list[str]
+    item_ids: list[str]
     ratings: np.ndarray            # float32
     timestamps: np.ndarray         # float64, seconds (only the order matters)
     titles: dict[str, str]
-    reviews: list[str] | None = None     # review text per record ("" when absent); None: source has none
-    summaries: list[str] | None = None
+    texts: pa.Array | None = None  # large_string [n] ("" when the record has none); None: source has none
     files: list[str] = field(default_factory=list)
     bad: BadRecords = field(default_factory=BadRecords)
 
+    @classmethod
+    def from_records(cls, source: str, users, items, ratings, timestamps, titles: dict[str, str] | None = None,
+                     texts: list[str] | None = None) -> "Interactions":
+        """A table from parallel per-record lists (raw ids as strings); for tests and small logs."""
+        b = TableBuilder(source, BadRecords(), with_text=texts is not None)
+        for k, (u, i, r, t) in enumerate(zip(users, items, ratings, timestamps)):
+            b.add(u, i, float(r), float(t), texts[k] if texts is not None else "")
+        b.titles.update(titles or {})
+        return b.build()
+
     def __len__(self) -> int:
-        return len(self.users)
+        return len(self.user)
+
+    @property
+    def users(self) -> list[str]:
+        """Raw user id per record (materialized: for tests and small logs)."""
+        return [self.user_ids[c] for c in self.user.tolist()]
+
+    @property
+    def items(self) -> list[str]:
+        """Raw item id per record (materialized: for tests and small logs)."""
+        return [self.item_ids[c] for c in self.item.tolist()]
 
     @property
     def has_text(self) -> bool:
-        """True when at least one record carries review text or a summary."""
-        return any(self.reviews or ()) or any(self.summaries or ())
+        """True when at least one record carries text."""
+        return self.texts is not None and len(self.texts) > 0 and pc.max(pc.binary_length(self.texts)).as_py() > 0
+
+
+class _Codes:
+    """Raw id -> dense int code, in first-seen order."""
+
+    def __init__(self) -> None:
+        self.code: dict[str, int] = {}
+        self.names: list[str] = []
+
+    def __call__(self, raw: str) -> int:
+        c = self.code.get(raw)
+        if c is None:
+            c = self.code[raw] = len(self.names)
+            self.names.append(raw)
+        return c
 
 
 class TableBuilder:
-    """Accumulates records and checks ratings; ``build()`` returns :class:`Interactions`."""
+    """Accumulates records in compact columns and checks values; ``build()`` returns :class:`Interactions`."""
 
     def __init__(self, source: str, bad: BadRecords, with_text: bool = False, rating_range=RATING_RANGE):
         self.source, self.bad, self.with_text = source, bad, with_text
         self.lo, self.hi = rating_range
-        self.users: list[str] = []
-        self.items: list[str] = []
-        self.ratings: list[float] = []
-        self.times: list[float] = []
-        self.reviews: list[str] = []
-        self.summaries: list[str] = []
+        self._users, self._items = _Codes(), _Codes()
+        self.user, self.item = array("i"), array("i")
+        self.ratings, self.times = array("f"), array("d")
+        self._texts: list[str] = []
+        self._text_chunks: list[pa.Array] = []
         self.titles: dict[str, str] = {}
         self.files: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.user)
 
     def rating(self, value, path: str, line: int, name: str) -> float | None:
         """``value`` as a float in the rating range, or None after reporting a bad record."""
@@ -105,24 +153,37 @@ class TableBuilder:
             return None
         return str(value)
 
-    def add(self, user, item, rating: float, ts: float, review: str = "", summary: str = "") -> None:
-        self.users.append(str(user))
-        self.items.append(str(item))
+    def add(self, user, item, rating: float, ts: float, text: str = "") -> None:
+        """One good record; ``text``: its summary, else its review text."""
+        self.user.append(self._users(str(user)))
+        self.item.append(self._items(str(item)))
         self.ratings.append(rating)
         self.times.append(ts)
         if self.with_text:
-            self.reviews.append(review or "")
-            self.summaries.append(summary or "")
+            self._texts.append(text or "")
+            if len(self._texts) >= TEXT_CHUNK:
+                self._flush_text()
+
+    def _flush_text(self) -> None:
+        if self._texts:
+            self._text_chunks.append(pa.array(self._texts, pa.large_string()))
+            self._texts = []
 
     def build(self) -> Interactions:
-        if not self.users:
+        if not len(self.user):
             names = ", ".join(self.files) or self.source
             raise DataError(f"{names}: no usable interaction records (empty file, or every record was bad)")
+        texts = None
+        if self.with_text:
+            self._flush_text()
+            texts = pa.concat_arrays(self._text_chunks)
+            self._text_chunks = []
         return Interactions(
-            source=self.source, users=self.users, items=self.items,
-            ratings=np.asarray(self.ratings, dtype=np.float32), timestamps=np.asarray(self.times, dtype=np.float64),
-            titles=self.titles, reviews=self.reviews if self.with_text else None,
-            summaries=self.summaries if self.with_text else None, files=self.files, bad=self.bad,
+            source=self.source, user=np.frombuffer(self.user, dtype=np.int32).copy(),
+            item=np.frombuffer(self.item, dtype=np.int32).copy(), user_ids=self._users.names,
+            item_ids=self._items.names, ratings=np.frombuffer(self.ratings, dtype=np.float32).copy(),
+            timestamps=np.frombuffer(self.times, dtype=np.float64).copy(), titles=self.titles, texts=texts,
+            files=self.files, bad=self.bad,
         )
 
 

@@ -78,7 +78,8 @@ def _text(value) -> str:
 
 def _add_reviews(b, path: str, bad: BadRecords, literal: bool, fields: tuple[str, str, str, str],
                  text_fields: tuple[str, ...], parse_time) -> None:
-    """Add every good record of one review file to ``b``; ``fields`` names (user, item, rating, time)."""
+    """Add every good record of one review file to ``b``; ``fields`` names (user, item, rating, time),
+    ``text_fields`` the text fields in order of preference (the first non-empty one is kept)."""
     user, item, rating, when = fields
     for lineno, text in iter_lines(path, bad):
         rec = parse_record(text, path, lineno, bad, literal)
@@ -90,7 +91,7 @@ def _add_reviews(b, path: str, bad: BadRecords, literal: bool, fields: tuple[str
         r = b.rating(rec[rating], path, lineno, rating)
         t = parse_time(rec[when], path, lineno)
         if r is not None and t is not None:
-            b.add(u, i, r, t, *(_text(rec.get(f)) for f in text_fields))
+            b.add(u, i, r, t, next(filter(None, (_text(rec.get(f)) for f in text_fields)), ""))
 
 
 def _add_titles(b, path: str, bad: BadRecords, literal: bool, id_field: str, title_field: str) -> None:
@@ -111,7 +112,7 @@ def read_amazon(path: str, meta_path: str, bad: BadRecords, year: int) -> Intera
     reviews = _find(path, ("reviews_*.json.gz", "*.json.gz", "*.json"), "reviews", exclude="meta_")
     b = TableBuilder(f"amazon{year}", bad, with_text=True)
     b.files.append(reviews)
-    _add_reviews(b, reviews, bad, literal, ("reviewerID", "asin", "overall", "unixReviewTime"), ("reviewText", "summary"),
+    _add_reviews(b, reviews, bad, literal, ("reviewerID", "asin", "overall", "unixReviewTime"), ("summary", "reviewText"),
                  lambda v, path, line: b.timestamp(v, path, line, "unixReviewTime"))
     meta = meta_path or _find_meta(path)
     if meta:

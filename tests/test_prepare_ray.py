@@ -1,0 +1,57 @@
+"""``data.engine: ray``: prompt rows built and shards written by Ray actors give the local dataset."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_config
+
+from ckf_dist.data import rows as rows_mod
+from ckf_dist.data.errors import DataError
+from ckf_dist.data.stream import ShardStream
+from ckf_dist.stages.prepare import run_prepare
+
+pytestmark = [pytest.mark.timeout(600), pytest.mark.ray]
+
+
+def _comparable(manifest: dict) -> dict:
+    """The manifest without what may differ between two preparations of the same data: times,
+    the output URL, the engine, the CF stage's training seconds."""
+    m = json.loads(json.dumps(manifest))
+    for key in ("created", "stages", "engine"):
+        m.pop(key)
+    m["data_config"].pop("output")
+    m["cf"]["metrics"].pop("train_seconds")
+    m["files"].pop("cf_metrics")
+    return m
+
+
+def test_ray_engine_writes_the_local_dataset(tmp_path):
+    log = str(tmp_path / "log")                                     # one synthetic log file for all three
+    local = run_prepare(tiny_config(tmp_path / "local", path=log), progress=False)
+    for workers in (1, 2):
+        ray_m = run_prepare(tiny_config(tmp_path / f"ray{workers}", path=log, engine="ray", ray_workers=workers),
+                            progress=False)
+        assert ray_m["engine"] == {"engine": "ray", "ray_workers": workers, "ray_address": ""}
+        assert _comparable(ray_m) == _comparable(local)              # same shards (sha256), rows, manifest
+        assert len(ray_m["shards"]) >= 4
+    rows = [r["sample_id"] for r in ShardStream(str(tmp_path / "ray2"), "train", shuffle_buffer=0)]
+    assert rows == [r["sample_id"] for r in ShardStream(str(tmp_path / "local"), "train", shuffle_buffer=0)]
+
+
+def test_ray_worker_failure_leaves_no_complete_dataset(tmp_path, monkeypatch):
+    """A row-building actor that fails mid-way: the error reaches the caller and no manifest is written."""
+    real = rows_mod.ShardBuilder.write
+
+    def fails_on_third(self, job):
+        if job.split == "train" and job.index == 2:
+            raise DataError("shard builder killed")
+        return real(self, job)
+    monkeypatch.setattr(rows_mod.ShardBuilder, "write", fails_on_third)
+    out = tmp_path / "ds"
+    with pytest.raises(Exception, match="shard builder killed"):
+        run_prepare(tiny_config(out, engine="ray", ray_workers=2), progress=False)
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(DataError, match="unfinished `ckf prepare`"):
+        ShardStream(str(out), "train")

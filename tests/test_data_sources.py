@@ -236,3 +236,16 @@ def test_malformed_line_deep_in_a_large_gzip_is_named(tmp_path):
     assert len(log) == 149_999 and log.bad.skipped == 1
     assert log.user.dtype == np.int32 and log.item.dtype == np.int32
     assert len(log.user_ids) == 4000 and len(log.item_ids) == 700
+
+
+def test_reading_prints_progress_with_counts_and_rate(tmp_path, monkeypatch, capsys):
+    from ckf_dist.data.sources import base
+
+    monkeypatch.setattr(base, "PROGRESS_EVERY", 2)
+    path = _gz(tmp_path / "reviews_P.json.gz", [_review(f"U{k}", f"B{k % 2}") for k in range(5)])
+    cfg = DataConfig(source="amazon2018", path=path)
+    load_interactions(cfg, progress=False)
+    assert capsys.readouterr().out == ""
+    load_interactions(cfg, progress=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and "read 4 records (" in lines[1] and "4 users, 2 items, 0 skipped" in lines[1]

@@ -125,7 +125,7 @@ def _prepare(cfg, overwrite: bool, progress: bool, lease) -> dict:
     stages = StageClock()
     preflight(d.output, overwrite)
     status(progress, f"prepare: source {d.source}{' (' + d.path + ')' if d.path else ''} -> {d.output}")
-    log = load_interactions(d, cfg.seed)
+    log = load_interactions(d, cfg.seed, progress=progress)
     stages.lap("read")
     status(progress, f"  read {len(log):,} interactions, {len(log.titles):,} titles, skipped {log.bad.skipped} bad records "
                    f"[{stages.line('read')}]")

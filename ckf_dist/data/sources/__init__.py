@@ -14,7 +14,7 @@ from fsspec.core import url_to_fs
 
 from ckf_dist.data.config import DataConfig
 from ckf_dist.data.errors import BadRecords
-from ckf_dist.data.sources.base import Interactions, iter_lines
+from ckf_dist.data.sources.base import Interactions, iter_lines, reading_progress
 from ckf_dist.data.sources.jsonlines import parse_record, read_amazon, read_yelp
 from ckf_dist.data.sources.movielens import read_movielens_embedded, read_movielens_raw
 from ckf_dist.data.sources.synthetic import REVIEWS_FILE, write_synthetic
@@ -23,8 +23,14 @@ __all__ = ["Interactions", "load_interactions", "iter_lines", "parse_record", "r
            "read_movielens_embedded", "read_movielens_raw", "write_synthetic"]
 
 
-def load_interactions(cfg: DataConfig, seed: int = 0) -> Interactions:
-    """Read the configured source into the normalized table (bad records per ``cfg.bad_records``)."""
+def load_interactions(cfg: DataConfig, seed: int = 0, progress: bool = False) -> Interactions:
+    """Read the configured source into the normalized table (bad records per ``cfg.bad_records``);
+    ``progress``: a line every 500k records."""
+    with reading_progress(progress):
+        return _load(cfg, seed)
+
+
+def _load(cfg: DataConfig, seed: int) -> Interactions:
     bad = BadRecords(cfg.bad_records)
     src = cfg.source
     if src == "movielens-embedded":

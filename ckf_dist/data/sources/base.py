@@ -8,8 +8,11 @@ is reported with the file and line (see :mod:`ckf_dist.data.errors`).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import gzip
 import math
+import time
 import zlib
 from array import array
 from dataclasses import dataclass, field
@@ -26,6 +29,18 @@ RATING_RANGE = (1.0, 5.0)
 
 
 TEXT_CHUNK = 65_536                  # records of text held as Python strings before they become Arrow
+PROGRESS_EVERY = 500_000             # records between two progress lines while reading
+_PROGRESS: contextvars.ContextVar[bool] = contextvars.ContextVar("ckf_read_progress", default=False)
+
+
+@contextlib.contextmanager
+def reading_progress(enabled: bool):
+    """Print a line every PROGRESS_EVERY records (count, rate, distinct users and items) while reading."""
+    token = _PROGRESS.set(enabled)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
 
 
 @dataclass
@@ -105,9 +120,15 @@ class TableBuilder:
         self._text_chunks: list[pa.Array] = []
         self.titles: dict[str, str] = {}
         self.files: list[str] = []
+        self._t0 = time.perf_counter()
 
     def __len__(self) -> int:
         return len(self.user)
+
+    def _report(self) -> None:
+        n, dt_s = len(self.user), max(time.perf_counter() - self._t0, 1e-9)
+        print(f"    read {n:,} records ({n / dt_s:,.0f}/s), {len(self._users.names):,} users, "
+              f"{len(self._items.names):,} items, {self.bad.skipped:,} skipped", flush=True)
 
     def rating(self, value, path: str, line: int, name: str) -> float | None:
         """``value`` as a float in the rating range, or None after reporting a bad record."""
@@ -163,6 +184,8 @@ class TableBuilder:
             self._texts.append(text or "")
             if len(self._texts) >= TEXT_CHUNK:
                 self._flush_text()
+        if len(self.user) % PROGRESS_EVERY == 0 and _PROGRESS.get():
+            self._report()
 
     def _flush_text(self) -> None:
         if self._texts:

@@ -8,7 +8,8 @@ from typing import Literal
 
 # Environment variables handed to workers on a remote cluster (by name; values never enter configs or logs).
 FORWARD_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-               "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS", "HF_HOME", "CKF_CACHE")
+               "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS", "HF_HOME", "CKF_CACHE",
+               "CKF_STORAGE_OPTIONS", "CKF_STORAGE_TIMEOUT")      # workers open storage with the driver's options
 
 
 # fsspec expands these in the paths it lists and deletes; storage folders must not contain them

@@ -110,6 +110,7 @@ def test_resume_refuses_a_config_that_differs_where_it_matters(prepared_dataset,
     cfg.train.storage = str(tmp_path / "ckpts")
     check_resume(cfg)                                             # the same config resumes
     cfg.train.max_steps, cfg.train.save_every = 999, 7           # longer, saved more often: fine
+    cfg.data.engine, cfg.data.ray_workers = "ray", 8             # how the dataset is prepared: fine
     check_resume(cfg)
     cfg.train.lr, cfg.model.lora.r = cfg.train.lr * 10, cfg.model.lora.r * 2
     with pytest.raises(TrainError, match=r"differs in 2 field\(s\).*model.lora.r: .*train.lr: "):

@@ -187,7 +187,8 @@ def check_resume(cfg: CKFConfig) -> None:
 # Config fields a resumed run may change: its length, saving, logging, cluster and evaluation settings.
 RESUME_FREE = ("run_name", "train.max_steps", "train.save_every", "train.num_to_keep", "train.log_every",
                "train.log_dir", "train.address", "train.forward_env", "train.max_failures", "train.storage",
-               "train.group_norms", "data.output", "model.cache_dir", "model.backbone_id", "eval.", "study.")
+               "train.group_norms", "data.output", "data.engine", "data.ray_workers", "data.ray_address",
+               "model.cache_dir", "model.backbone_id", "eval.", "study.")
 
 
 def _differences(a: dict, b: dict, prefix: str = ""):

@@ -1,4 +1,5 @@
-"""ShardStream: equal rows per rank, determinism, shuffle buffer, exact resume; collate."""
+"""ShardStream: equal rows per rank, one global order for every world size, determinism, shuffle
+buffer, exact resume (also on another world size); collate."""
 
 from __future__ import annotations
 
@@ -113,9 +114,57 @@ def test_resume_cursor_names_the_next_row(url):
 
 
 def test_resume_with_other_settings_is_refused(url):
-    s = ShardStream(url, "train", 0, 2, seed=1)
-    with pytest.raises(DataError, match="world_size=4"):
-        s.load_state_dict(dict(s.state_dict(), world_size=4))
+    s = ShardStream(url, "train", 0, 2, seed=1, rank_batch=3)
+    with pytest.raises(DataError, match="global_batch=12"):
+        s.load_state_dict(dict(s.state_dict(), global_batch=12))
+    with pytest.raises(DataError, match="another sample order"):             # a cursor of the old per-rank order
+        s.load_state_dict({k: v for k, v in s.state_dict().items() if k != "order"})
+    with pytest.raises(DataError, match="into a global batch"):               # elastic resume needs a boundary
+        s.load_state_dict(dict(s.state_dict(), world_size=3, batch_offset=1))
+
+
+def _global_batches(url, world, rank_batch, epochs=2, **kw):
+    """Per global batch, the ranks' slices concatenated in rank order, over ``epochs`` epochs."""
+    streams = [ShardStream(url, "train", r, world, rank_batch=rank_batch, **kw) for r in range(world)]
+    out = []
+    for _ in range(epochs):
+        per_rank = [_ids(s) for s in streams]
+        for b in range(len(per_rank[0]) // rank_batch):
+            out.append([i for p in per_rank for i in p[b * rank_batch:(b + 1) * rank_batch]])
+    return out
+
+
+def test_global_batches_do_not_depend_on_the_world_size(url, prepared_dataset):
+    kw = dict(seed=5, shuffle_buffer=48, prefetch=2)
+    one = _global_batches(url, 1, 12, **kw)
+    assert len(one) == 2 * (_n_train(prepared_dataset) // 12) and all(len(b) == 12 for b in one)
+    for world, rank_batch in [(2, 6), (3, 4), (4, 3), (12, 1)]:
+        assert _global_batches(url, world, rank_batch, **kw) == one, (world, rank_batch)
+    assert _global_batches(url, 2, 6, seed=6, shuffle_buffer=48) != one       # the seed still matters
+
+
+@pytest.mark.parametrize("old, new", [((2, 6), (3, 4)), ((1, 12), (4, 3)), ((4, 3), (1, 12))])
+def test_resume_on_another_world_size_continues_the_global_order(url, old, new):
+    kw = dict(seed=2, shuffle_buffer=40, prefetch=0)
+    full = _global_batches(url, 1, 12, epochs=1, **kw)
+    (w0, r0), (w1, r1) = old, new
+    saved = []
+    for rank in range(w0):                      # every rank of the first run stops after 5 steps
+        s = ShardStream(url, "train", rank, w0, rank_batch=r0, **kw)
+        it = iter(s)
+        for _ in range(5 * r0):
+            next(it)
+        saved.append(json.loads(json.dumps(s.state_dict())))
+        it.close()
+    assert {st["global_position"] for st in saved} == {60} and {st["batch_offset"] for st in saved} == {0}
+    streams = []
+    for rank in range(w1):                      # the new world resumes from rank 0's cursor
+        s = ShardStream(url, "train", rank, w1, rank_batch=r1, **kw)
+        s.load_state_dict(saved[0])
+        streams.append(s)
+    per_rank = [[r["sample_id"] for r, _ in zip(s, range(s.rows_per_rank() - s.position))] for s in streams]
+    rest = [[i for p in per_rank for i in p[b * r1:(b + 1) * r1]] for b in range(len(per_rank[0]) // r1)]
+    assert rest == full[5:]
 
 
 def test_rows_match_the_stored_shards(url, prepared_dataset):

@@ -1,20 +1,24 @@
-"""Streaming reader of prepared shards: per-rank split, seeded shuffle buffer, prefetch, exact resume.
+"""Streaming reader of prepared shards: one global order per epoch, per-rank slices of every
+global batch, prefetch, exact resume on any number of workers.
 
-Order of one epoch (a pure function of seed, epoch, rank, world_size):
+Order of one epoch (a pure function of seed, epoch and the dataset, never of the world size):
 1. the split's shards are permuted with ``(seed, epoch)`` (kept in stored order when
    ``shuffle_buffer <= 1``) and their rows concatenated into one global sequence;
-2. rank r takes the contiguous slice ``[r*M, (r+1)*M)``, ``M = total // world_size``: every
-   rank yields exactly M rows, so every DeepSpeed rank takes the same number of steps
-   (the <= world_size-1 leftover rows change with the epoch's shard order);
-3. a shuffle buffer of ``shuffle_buffer`` rows, seeded by ``(seed, epoch, rank)``, reorders
-   the slice; it is simulated on row *indices*, so the whole epoch order is known up front.
+2. a shuffle buffer of ``shuffle_buffer`` rows, seeded by ``(seed, epoch)``, reorders that
+   sequence; it is simulated on row *indices*, so the whole epoch order is known up front;
+3. the order is cut into global batches of ``rank_batch * world_size`` rows (the optimizer
+   step's rows; the < one global batch left over is dropped) and rank r takes the r-th slice
+   of ``rank_batch`` rows of every global batch.
 
-Because the order is known, the cursor is just ``(epoch, position)``: ``load_state_dict``
-recomputes the order and yields exactly the rows after ``position``. Shards are fetched,
-sha256-verified and decoded ``prefetch`` shards ahead (default 8; 0: inline) by up to 4
-background threads, and dropped after their last row of the epoch (memory ~ shuffle_buffer
-+ prefetch decoded shards). A queue deeper than the thread count keeps every thread busy:
-docs/performance.md has the measured prefetch depths (bench/data_stream.py).
+So for one global batch size the same rows make the same step on 1, 2 or 8 workers, and the
+cursor is global: ``(epoch, global_position)``, the rows of the epoch all ranks have consumed.
+``load_state_dict`` recomputes the order and yields exactly this rank's rows after that
+position, whatever world size saved it (:meth:`ShardStream.load_state_dict`). Shards are
+fetched, sha256-verified and decoded ``prefetch`` shards ahead (default 8; 0: inline) by up to
+4 background threads, and dropped after their last row of the epoch (memory ~ shuffle_buffer
++ prefetch decoded shards). Every rank reads every shard of the split (each uses its slice of
+the rows). A queue deeper than the thread count keeps every thread busy: docs/performance.md
+has the measured prefetch depths (bench/data_stream.py).
 
 Rows are :class:`Row` objects: zero-copy ``Mapping`` views keyed by the shard columns; list
 columns are numpy int32 arrays (int8 for ``slot_kind``), ``cand_ids`` a list of arrays,
@@ -176,17 +180,27 @@ class Row(tuple):
 Mapping.register(Row)
 
 
+ORDER = "global-batch-v1"      # what a cursor's positions mean; a cursor of another order is refused
+
+
 class ShardStream:
-    """Iterates one split of a prepared dataset for one rank (see the module docstring)."""
+    """Iterates one split of a prepared dataset for one rank (see the module docstring).
+
+    ``rank_batch``: rows this rank takes from every global batch (a training step's
+    ``micro_batch_size * grad_accum``); the global batch is ``rank_batch * world_size``.
+    """
 
     def __init__(self, url: str, split: str, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle_buffer: int = 1024, prefetch: int = 8, storage_options: dict | None = None,
-                 *, verify: bool = True, drop_remainder: bool = True):
+                 *, verify: bool = True, drop_remainder: bool = True, rank_batch: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if rank_batch < 1:
+            raise ValueError(f"rank_batch: must be >= 1, got {rank_batch}")
         self.url, self.split, self.rank, self.world_size, self.seed = url, split, rank, world_size, seed
         self.shuffle_buffer, self.prefetch, self.verify = shuffle_buffer, max(0, prefetch), verify
-        self.drop_remainder = drop_remainder
+        self.drop_remainder, self.rank_batch = drop_remainder, rank_batch
+        self.global_batch = rank_batch * world_size
         self.manifest, self._fs, self._root = read_dataset_manifest(url, storage_options)
         self.shards = [s for s in self.manifest["shards"] if s["split"] == split]
         if not self.shards:
@@ -194,14 +208,16 @@ class ShardStream:
             raise DataError(f"{url}: no shards for split {split!r} (splits: {splits})")
         self._offsets = np.cumsum([0] + [s["rows"] for s in self.shards])
         self.total_rows = int(self._offsets[-1])
-        if self.total_rows < world_size:
-            raise DataError(f"{url}: split {split!r} has {self.total_rows} rows, fewer than world_size {world_size}")
+        if self.total_rows < self.global_batch:
+            raise DataError(f"{url}: split {split!r} has {self.total_rows} rows, fewer than one global batch "
+                            f"({rank_batch} rows per rank x world_size {world_size} = {self.global_batch})")
         self.epoch, self.position = 0, 0
         self._chunk: tuple | None = None
+        self._plan: tuple[int, np.ndarray, np.ndarray] | None = None     # (epoch, rows, shards) of the last epoch asked
 
     @property
     def position(self) -> int:
-        """Rows of the current epoch already handed to the consumer."""
+        """Rows of the current epoch already handed to the consumer (by this rank)."""
         if self._chunk is not None:     # inside a chunk: its list iterator knows how many rows were taken
             end, it = self._chunk
             return end - operator.length_hint(it)
@@ -213,13 +229,31 @@ class ShardStream:
         self._position = value
 
     # ------------------------------------------------------------------ order and cursor
+    @property
+    def batches_per_epoch(self) -> int:
+        """Whole global batches in one epoch (the same for every world size at one global batch)."""
+        return self.total_rows // self.global_batch
+
     def rows_per_rank(self, epoch: int | None = None) -> int:
         """Rows this rank yields in one epoch (the same on every rank unless drop_remainder=False)."""
-        base, extra = divmod(self.total_rows, self.world_size)
-        return base + (0 if self.drop_remainder or self.rank >= extra else 1)
+        full = self.batches_per_epoch * self.rank_batch
+        if self.drop_remainder:
+            return full
+        left = self.total_rows - self.batches_per_epoch * self.global_batch - self.rank * self.rank_batch
+        return full + min(max(left, 0), self.rank_batch)
 
     def __len__(self) -> int:
         return self.rows_per_rank(self.epoch)
+
+    def global_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(global row indices, shard of each)`` of the whole epoch, in order: one sequence for all ranks."""
+        n_shards = len(self.shards)
+        shuffle = self.shuffle_buffer > 1
+        perm = np.random.default_rng([self.seed, epoch, 7]).permutation(n_shards) if shuffle else np.arange(n_shards)
+        seq = np.concatenate([np.arange(self._offsets[s], self._offsets[s + 1]) for s in perm])
+        seq_shard = np.repeat(perm, np.diff(self._offsets)[perm])        # the shard of each row of seq
+        order = shuffle_buffer_order(self.total_rows, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, 1000]))
+        return seq[order], seq_shard[order]
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Global row indices (into the split's concatenated shards) this rank yields in ``epoch``."""
@@ -227,17 +261,16 @@ class ShardStream:
 
     def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """``(global row indices, shard of each)`` this rank yields in ``epoch``, in order."""
-        n_shards = len(self.shards)
-        shuffle = self.shuffle_buffer > 1
-        perm = np.random.default_rng([self.seed, epoch, 7]).permutation(n_shards) if shuffle else np.arange(n_shards)
-        seq = np.concatenate([np.arange(self._offsets[s], self._offsets[s + 1]) for s in perm])
-        seq_shard = np.repeat(perm, np.diff(self._offsets)[perm])        # the shard of each row of seq
-        base, extra = divmod(self.total_rows, self.world_size)
-        start = self.rank * base + (0 if self.drop_remainder else min(self.rank, extra))
-        stop = start + self.rows_per_rank(epoch)
-        rng = np.random.default_rng([self.seed, epoch, 1000 + self.rank])
-        order = shuffle_buffer_order(stop - start, self.shuffle_buffer, rng)
-        return seq[start:stop][order], seq_shard[start:stop][order]
+        if self._plan is not None and self._plan[0] == epoch:
+            return self._plan[1], self._plan[2]
+        rows, shard = self.global_order(epoch)
+        r, g = self.rank_batch, self.global_batch
+        pos = (np.arange(self.batches_per_epoch)[:, None] * g + self.rank * r + np.arange(r)[None, :]).ravel()
+        if not self.drop_remainder:                         # this rank's slice of the partial last batch
+            start = self.batches_per_epoch * g + self.rank * r
+            pos = np.r_[pos, np.arange(start, min(start + r, self.total_rows))]
+        self._plan = (epoch, rows[pos], shard[pos])
+        return self._plan[1], self._plan[2]
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its first row."""
@@ -248,7 +281,8 @@ class ShardStream:
             self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
-        """JSON-able cursor: rows already yielded in ``epoch``, plus what it is valid for."""
+        """JSON-able cursor: this rank's rows already yielded in ``epoch``, the global position of the
+        global batch they end in, and what the cursor is valid for."""
         self._normalize()
         order = self.epoch_order(self.epoch) if self.position else None
         nxt = {}
@@ -256,17 +290,37 @@ class ShardStream:
             g = int(order[self.position])
             s = int(np.searchsorted(self._offsets, g, side="right") - 1)
             nxt = {"next_shard": self.shards[s]["path"], "next_row": g - int(self._offsets[s])}
-        return {"epoch": self.epoch, "position": self.position, "split": self.split, "rank": self.rank,
+        batches, offset = divmod(self.position, self.rank_batch)
+        return {"order": ORDER, "epoch": self.epoch, "position": self.position,
+                "global_position": batches * self.global_batch, "batch_offset": offset,
+                "global_batch": self.global_batch, "split": self.split, "rank": self.rank,
                 "world_size": self.world_size, "seed": self.seed, "shuffle_buffer": self.shuffle_buffer,
                 "total_rows": self.total_rows, **nxt}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from a :meth:`state_dict` cursor; the next iteration yields exactly the rows not yet yielded."""
-        for key in ("split", "rank", "world_size", "seed", "shuffle_buffer", "total_rows"):
+        """Resume from a :meth:`state_dict` cursor; the next iteration yields exactly the rows not yet yielded.
+
+        A cursor saved by another rank or world size resumes at its global position (it must lie
+        on a global-batch boundary, as checkpoints do): this rank then yields its slice of every
+        global batch from there on, the rows the saving run would have trained on next.
+        """
+        if state.get("order") != ORDER:
+            raise DataError(f"{self.url}: the resume cursor was written for another sample order "
+                            f"({state.get('order', 'per-rank slices, before global batches')!r}, this version uses "
+                            f"{ORDER!r}); resume with the version that saved it, or start a new run_name")
+        for key in ("split", "seed", "shuffle_buffer", "total_rows", "global_batch"):
             if key in state and state[key] != getattr(self, key):
                 raise DataError(f"{self.url}: resume cursor has {key}={state[key]!r}, this stream has {getattr(self, key)!r}; "
                                 f"resume with the same data and settings")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.epoch = int(state["epoch"])
+        if state["rank"] == self.rank and state["world_size"] == self.world_size:
+            self.position = int(state["position"])
+            return
+        if state["batch_offset"]:
+            raise DataError(f"{self.url}: the resume cursor is {state['batch_offset']} rows into a global batch; "
+                            f"only a cursor on a global-batch boundary (a checkpoint's) resumes on another rank "
+                            f"or world size")
+        self.position = int(state["global_position"]) // self.global_batch * self.rank_batch
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self):

@@ -7,8 +7,10 @@ one module-scoped set of runs feeds several tests:
 - ``base``: 2 workers, ZeRO-2, 4 steps, uninterrupted, checkpoints to S3;
 - ``killed``: the same (on local storage), but rank 1 is SIGKILLed after step 3 and
   ``max_failures=1`` lets Ray restart the group, which resumes from the step-2 checkpoint;
-- ``one``: 1 worker replaying ``base``'s global batches (``CKF_REPLAY``);
-- ``zero3``: 2 workers, ZeRO-3, 2 steps.
+- ``elastic``: ``base`` again, but as a chain of runs on 2, then 1, then 2 workers (each
+  stopped by a fault right after its checkpoint, the next resuming it with another
+  ``train.num_workers``), which must equal ``base`` sample for sample and in its weights;
+- ``zero3``: 2 workers, ZeRO-3, 3 steps, and the same 2 -> 1 -> 2 chain of it.
 """
 
 from __future__ import annotations
@@ -45,46 +47,62 @@ def train_cfg(data_url: str, storage: str, run_name: str, **train):
     }, "<test_train_ray>")
 
 
-def run(cfg, tmp: Path, **env) -> tuple[dict, Path]:
+def run(cfg, tmp: Path, fails: bool = False, **env) -> tuple[dict, Path]:
     """``ckf train`` in a fresh process, as a user runs it: its own local Ray cluster (loopback),
-    the environment of this test (S3 endpoint and credentials) plus ``env``; bounded in time."""
+    the environment of this test (S3 endpoint and credentials) plus ``env``; bounded in time.
+    ``fails``: the run must end with an error (an injected fault), after a committed checkpoint."""
     log = tmp / f"samples-{cfg.run_name}"
     log.mkdir(parents=True, exist_ok=True)
     config = tmp / f"{cfg.run_name}-{uuid.uuid4().hex[:6]}.yaml"
     config.write_text(dump_config(cfg))
-    child_env = {k: v for k, v in os.environ.items() if k not in ("CKF_FAULT", "CKF_REPLAY", "RAY_ADDRESS")}
+    child_env = {k: v for k, v in os.environ.items() if k not in ("CKF_FAULT", "RAY_ADDRESS")}
     child_env.update(CKF_SAMPLE_LOG=str(log), **env)
     proc = subprocess.run([str(Path(sys.executable).parent / "ckf"), "train", str(config)], env=child_env,
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"ckf train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    output = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    if fails:
+        assert proc.returncode != 0 and "injected fault" in proc.stderr, output
+    else:
+        assert proc.returncode == 0, f"ckf train failed ({proc.returncode}):\n{output}"
     ref = store.latest_committed(cfg.train.storage, cfg.run_name)
     assert ref is not None, proc.stdout[-2000:]
-    assert f"checkpoint: {ref.url}" in proc.stdout
-    return {"step": ref.step, "checkpoint": ref.url}, log
+    assert fails or f"checkpoint: {ref.url}" in proc.stdout
+    return {"step": ref.step, "checkpoint": ref.url, "stdout": proc.stdout}, log
 
 
-def export_of(ref) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
-    fs, path = open_url(ref.url)
-    with fs.open(f"{path}/export/trainable.safetensors", "rb") as fh:
-        return load(fh.read())
-
-
-def sample_records(log: Path) -> list[dict]:
-    return [json.loads(line) for p in sorted(log.glob("samples_rank*.jsonl")) for line in p.read_text().splitlines()]
-
-
-def effective_samples(log: Path) -> dict[tuple, list[int]]:
-    """(step, micro, rank) -> sample ids, the last try of each (a redone step replaces the first)."""
-    return {(r["step"], r["micro"], r["rank"]): r["sample_ids"] for r in sample_records(log)}
+def elastic_chain(cfg, tmp: Path, workers: list[int]) -> tuple[list[dict], Path]:
+    """``cfg``'s run as a chain of ``ckf train`` runs on ``workers[i]`` workers, each after the first
+    resuming the last one's checkpoint; all but the last stopped by a fault after step i + 1."""
+    out = []
+    for i, n in enumerate(workers):
+        last = i == len(workers) - 1
+        seg = config_from_dict(dict(json.loads(json.dumps(_as_dict(cfg))),
+                                    train={**_as_dict(cfg)["train"], "num_workers": n, "save_every": 1}), "<chain>")
+        result, log = run(seg, tmp, fails=not last, **({} if last else {"CKF_FAULT": f"raise@{i + 1}"}))
+        assert result["step"] == (cfg.train.max_steps if last else i + 1), result
+        out.append(result)
+    return out, log
 
 
-def assert_close_states(a: dict, b: dict, rtol: float, atol: float) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].shape == b[k].shape, k
-        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+def _as_dict(cfg) -> dict:
+    from ckf_dist.config import config_to_dict
+
+    return config_to_dict(cfg)
+
+
+def global_batches(log: Path) -> dict[int, list[int]]:
+    """step -> the sample ids of its global batch, in rank order then micro-batch order (the
+    order of the global sequence), from the last try of each step: the records of the world
+    size that wrote the step last (a group that died mid-step may have left some of its ranks')."""
+    records = sample_records(log)
+    last_world = {}
+    for r in sorted(records, key=lambda r: r["t"]):
+        last_world[r["step"]] = r["world"]
+    last = {(r["step"], r["micro"], r["rank"]): r["sample_ids"] for r in records if r["world"] == last_world[r["step"]]}
+    out: dict[int, list[int]] = {}
+    for (step, _micro, _rank), ids in sorted(last.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
+        out.setdefault(step, []).extend(ids)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +120,8 @@ def runs(s3_server, prepared_dataset, tmp_path_factory):
     out["killed"] = run(train_cfg(prepared_dataset.url, str(tmp / "killed-ckpt"), "killed", max_failures=1),
                         tmp, CKF_FAULT=f"kill@3:rank=1:once={once}")
     out["killed_once"] = once
-    out["one"] = run(train_cfg(prepared_dataset.url, str(tmp / "local-ckpt"), "one", num_workers=1,
-                               micro_batch_size=4), tmp, CKF_REPLAY=str(out["base"][1]))
+    out["elastic"] = elastic_chain(train_cfg(prepared_dataset.url, str(tmp / "elastic-ckpt"), "elastic"),
+                                   tmp, [2, 1, 2])
     return out
 
 
@@ -147,16 +165,29 @@ def test_sigkill_mid_run_restarts_and_equals_uninterrupted(runs):
     assert any(not torch.equal(a[k], init[k]) for k in a), "steps 3-4 changed nothing"
 
 
-def test_two_workers_match_one_worker_on_the_same_global_batches(runs):
-    base, _ = runs["base"]
-    one, one_log = runs["one"]
-    eff = effective_samples(one_log)
-    eff_base = effective_samples(runs["base"][1])
-    for step in range(4):          # the one worker saw exactly the union of the two ranks' rows
-        assert sorted(eff[(step, 0, 0)]) == sorted(eff_base[(step, 0, 0)] + eff_base[(step, 0, 1)])
-    a = export_of(store.resolve_checkpoint(base["checkpoint"]))
-    b = export_of(store.resolve_checkpoint(one["checkpoint"]))
+def assert_chain_equals(chain, chain_log: Path, ref_result: dict, ref_log: Path, steps: int) -> None:
+    """The chain saw the uninterrupted run's global batches, none twice, and ends at its weights."""
+    results = chain
+    assert "resharded for 1" in results[1]["stdout"] and "resharded for 2" in results[2]["stdout"]
+    assert "grad_accum 1 -> 2 keeps the global batch" in results[1]["stdout"]
+    want, got = global_batches(ref_log), global_batches(chain_log)
+    assert sorted(got) == list(range(steps)) and got == want
+    seen = [i for ids in got.values() for i in ids]
+    assert len(seen) == len(set(seen))
+    a = export_of(store.resolve_checkpoint(ref_result["checkpoint"]))
+    b = export_of(store.resolve_checkpoint(results[-1]["checkpoint"]))
     assert_close_states(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_resume_on_another_number_of_workers_equals_the_uninterrupted_run(runs):
+    """2 workers -> 1 worker (grad_accum 2) -> 2 workers, ZeRO-2: the uninterrupted 2-worker run's
+    samples per global batch, in order, and its trainable weights."""
+    base, base_log = runs["base"]
+    chain, chain_log = runs["elastic"]
+    assert_chain_equals(chain, chain_log, base, base_log, steps=4)
+    # the 1-worker segment ran each global batch as two micro-batches of one rank
+    recs = [r for r in sample_records(chain_log) if r["step"] == 1]
+    assert {(r["micro"], r["rank"]) for r in recs} == {(0, 0), (1, 0)}
 
 
 def test_rerun_resumes_from_latest_commit_and_ignores_uncommitted(runs):
@@ -173,15 +204,15 @@ def test_rerun_resumes_from_latest_commit_and_ignores_uncommitted(runs):
     assert store.latest_committed(bucket, "base").step == 6
 
 
-def test_zero3_two_workers_export_is_full_shaped(s3_server, prepared_dataset, tmp_path):
+def test_zero3_two_workers_export_is_full_shaped_and_resumes_on_other_workers(s3_server, prepared_dataset, tmp_path):
     from ckf_dist.data import load_cf_tables
     from ckf_dist.model import build_ckf_model, load_backbone
 
     from conftest import make_bucket
 
     bucket = make_bucket(f"ckf-z3-{uuid.uuid4().hex[:8]}")
-    cfg = train_cfg(prepared_dataset.url, bucket, "z3", zero_stage=3, max_steps=2)
-    result, _ = run(cfg, tmp_path)
+    cfg = train_cfg(prepared_dataset.url, bucket, "z3", zero_stage=3, max_steps=3)
+    result, log = run(cfg, tmp_path)
     ref = store.resolve_checkpoint(result["checkpoint"])
     assert ref.manifest["zero_stage"] == 3 and ref.manifest["backbone_partitioned_at_load"] is True
     exported = export_of(ref)
@@ -193,5 +224,52 @@ def test_zero3_two_workers_export_is_full_shaped(s3_server, prepared_dataset, tm
     for k, v in want.items():
         assert exported[k].shape == v.shape and exported[k].numel() > 0, k
     lora_b = [k for k in want if "lora_shared_B" in k or "lora_task_B" in k]
-    assert lora_b and any(exported[k].abs().sum() > 0 for k in lora_b), "LoRA B still zero after 2 steps"
-    assert os.path.basename(ref.url) == "step_00000002"
+    assert lora_b and any(exported[k].abs().sum() > 0 for k in lora_b), "LoRA B still zero after 3 steps"
+    assert os.path.basename(ref.url) == "step_00000003"
+    # the same run as 2 -> 1 -> 2 workers: ZeRO-3 partitions re-made from the gathered state
+    chain_cfg = train_cfg(prepared_dataset.url, str(tmp_path / "z3-chain"), "z3-chain", zero_stage=3, max_steps=3)
+    chain, chain_log = elastic_chain(chain_cfg, tmp_path, [2, 1, 2])
+    assert_chain_equals(chain, chain_log, result, log, steps=3)
+
+
+def test_elastic_run_goes_on_with_the_workers_left_after_losing_a_node(runs, prepared_dataset, tmp_path):
+    """``train.min_workers``: a 2-worker run on a 2-node Ray cluster (loopback) loses a node after
+    step 2; Ray Train restarts the group on the one worker left, which resumes the committed
+    step with grad_accum 2 and ends equal to the uninterrupted 2-worker run."""
+    import time
+
+    from ray.cluster_utils import Cluster
+
+    # one trainer slot per node, so the two workers sit on different nodes (both on this machine)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "resources": {"trainer_slot": 1}})
+    try:
+        node = cluster.add_node(num_cpus=1, resources={"trainer_slot": 1})
+        storage = str(tmp_path / "ckpt")
+        cfg = train_cfg(prepared_dataset.url, storage, "elastic-node", min_workers=1, max_failures=2, save_every=1,
+                        worker_resources={"trainer_slot": 1}, address=cluster.address)
+        log = tmp_path / "samples-elastic-node"
+        log.mkdir()
+        config = tmp_path / "elastic-node.yaml"
+        config.write_text(dump_config(cfg))
+        env = {k: v for k, v in os.environ.items() if k not in ("CKF_FAULT", "RAY_ADDRESS")}
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "ckf"), "train", str(config)],
+                                env=dict(env, CKF_SAMPLE_LOG=str(log)), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            ref = store.latest_committed(storage, "elastic-node")
+            if ref is not None and ref.step >= 2:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        cluster.remove_node(node, allow_graceful=False)          # the node and its worker are gone
+        output = proc.communicate(timeout=600)[0]
+    finally:
+        cluster.shutdown()
+    assert proc.returncode == 0, output[-4000:]
+    assert "running on 1 of up to 2 workers: grad_accum 2" in output, output[-3000:]
+    base, base_log = runs["base"]
+    assert global_batches(log) == global_batches(base_log)
+    ref = store.latest_committed(storage, "elastic-node")
+    assert ref.step == 4 and ref.manifest["world_size"] == 1
+    assert_close_states(export_of(store.resolve_checkpoint(base["checkpoint"])), export_of(ref), rtol=1e-4, atol=1e-5)

@@ -88,14 +88,17 @@ class CKFModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 task_ids: torch.Tensor | None = None, slots: dict | None = None, detach_lora: bool = False, *,
-                batch: dict | None = None, step: int = 0, total_steps: int = 1, mode: str = "two_stream"):
+                batch: dict | None = None, step: int = 0, total_steps: int = 1, mode: str = "two_stream",
+                **loss_options):
         """Logits ``[B, L, V]`` of a routed batch; with ``batch=`` the training loss instead.
 
-        ``model(batch=b, step=t, total_steps=T, mode=m)`` is :meth:`loss` (so that a wrapping engine's
-        ``engine(batch=...)`` call computes it); otherwise the logits (evaluation and tests).
+        ``model(batch=b, step=t, total_steps=T, mode=m, **options)`` is :meth:`loss` (so that a
+        wrapping engine's ``engine(batch=...)`` call computes it, with the engine's own per-forward
+        bookkeeping: ZeRO-3 counts micro-batches there to accumulate gradients); otherwise the
+        logits (evaluation and tests).
         """
         if batch is not None:
-            return self.loss(batch, step, total_steps, mode)
+            return self.loss(batch, step, total_steps, mode, **loss_options)
         return self.logits(self.hidden(input_ids, attention_mask, task_ids, slots, detach_lora).last_hidden_state)
 
     def _check_task_ids(self, task_ids: torch.Tensor) -> None:
@@ -221,7 +224,10 @@ def _enable_checkpointing(backbone: nn.Module, routing: LoraRouting) -> None:
 
 
 def embedding_norm(weight: torch.Tensor) -> float:
-    """Median L2 norm of a token-embedding table's rows (a frozen backbone's "real token" scale)."""
+    """Median L2 norm of a token-embedding table's rows (a frozen backbone's "real token" scale);
+    NaN for a table on the meta device (a model built only to count its parameters)."""
+    if weight.is_meta:
+        return float("nan")
     if hasattr(weight, "ds_id"):                      # ZeRO-3 partitioned: gather the table once
         import deepspeed
 

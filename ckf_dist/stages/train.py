@@ -8,6 +8,7 @@ cannot starve each other, then runs a ``TorchTrainer`` whose workers execute
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from ckf_dist.checkpoint import store
@@ -51,8 +52,8 @@ def _init_ray(cfg: CKFConfig):
 # line on the driver; our workers print plain lines.
 QUIET_WORKERS = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
-# Driver-side switches handed to every worker (fault injection, sample log, replay: tests and audits)
-WORKER_ENV = ("CKF_FAULT", "CKF_SAMPLE_LOG", "CKF_REPLAY")
+# Driver-side switches handed to every worker (fault injection, sample log: tests and audits)
+WORKER_ENV = ("CKF_FAULT", "CKF_SAMPLE_LOG")
 
 
 def _free_port() -> int:
@@ -157,35 +158,67 @@ def run_train(cfg: CKFConfig, progress: bool = True) -> dict:
     cfg = absolute_paths(cfg)
     _check_inputs(cfg)
     with Lease(f"{cfg.train.storage.rstrip('/')}/{cfg.run_name}", "ckf train") as lease:
-        check_resume(cfg)
+        cfg = check_resume(cfg)
         result = _fit(cfg)
         lease.check()
     return result
 
 
-def check_resume(cfg: CKFConfig) -> None:
-    """Refuse to resume a run under a config that differs from its checkpoint's where it matters.
+def check_resume(cfg: CKFConfig) -> CKFConfig:
+    """Refuse to resume a run under a config that differs from its checkpoint's where it matters;
+    returns the config to run (``grad_accum`` adapted when only the number of workers changed).
 
     The saved engine, scheduler and data cursor win on resume, so a changed learning rate or
     batch would be silently ignored; a changed model or dataset would not even load. Fields that
     are safe to change (how long, how often to save or log, where to reach the cluster) pass.
+    The number of workers may change when the global batch (micro_batch_size x grad_accum x
+    num_workers) stays: a changed ``num_workers`` alone gets the ``grad_accum`` that keeps it.
     """
     from ckf_dist.config import config_from_dict
 
     ref = store.latest_committed(cfg.train.storage, cfg.run_name)
     if ref is None or "config" not in ref.manifest:
-        return
-    saved = config_to_dict(config_from_dict(ref.manifest["config"], f"{ref.url}/manifest.json"))
+        return cfg
+    saved_cfg = config_from_dict(ref.manifest["config"], f"{ref.url}/manifest.json")
+    cfg = _keep_global_batch(cfg, saved_cfg.train, ref)
+    saved = config_to_dict(saved_cfg)
     diffs = [f"{key}: {old!r} -> {new!r}" for key, old, new in _differences(saved, config_to_dict(cfg))
-             if not key.startswith(RESUME_FREE)]
+             if not key.startswith(RESUME_FREE) and key not in BATCH_SPLIT]
     if diffs:
         raise TrainError(f"run {cfg.run_name!r} resumes from {ref.url}, whose config differs in "
                          f"{len(diffs)} field(s) that the resume cannot honour: {'; '.join(diffs[:6])}"
                          f"{' ...' if len(diffs) > 6 else ''}; use the checkpoint's values or a new run_name")
+    return cfg
+
+
+# How a global batch is split (rows per micro-batch, micro-batches per step, workers): free on
+# resume as long as their product, the global batch, stays.
+BATCH_SPLIT = ("train.micro_batch_size", "train.grad_accum", "train.num_workers")
+
+
+def _keep_global_batch(cfg: CKFConfig, saved, ref) -> CKFConfig:
+    t = cfg.train
+    want = saved.global_batch
+    if t.global_batch == want:
+        return cfg
+    if (t.micro_batch_size, t.grad_accum) == (saved.micro_batch_size, saved.grad_accum):   # only the workers changed
+        try:
+            kept = saved.on_workers(t.num_workers)
+        except ValueError:
+            pass
+        else:
+            print(f"[ckf] resuming a {saved.num_workers}-worker run on {t.num_workers}: grad_accum {t.grad_accum} -> "
+                  f"{kept.grad_accum} keeps the global batch of {want} rows", flush=True)
+            return dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum=kept.grad_accum))
+    raise TrainError(
+        f"run {cfg.run_name!r} resumes from {ref.url}, whose global batch is {want} rows "
+        f"({saved.micro_batch_size} x grad_accum {saved.grad_accum} x {saved.num_workers} workers); this config has "
+        f"{t.global_batch} ({t.micro_batch_size} x {t.grad_accum} x {t.num_workers}); choose micro_batch_size x "
+        f"grad_accum x num_workers = {want}, or a new run_name")
 
 
 # Config fields a resumed run may change: its length, saving, logging, cluster and evaluation settings.
-RESUME_FREE = ("run_name", "train.max_steps", "train.save_every", "train.num_to_keep", "train.log_every",
+RESUME_FREE = ("run_name", "train.min_workers", "train.worker_resources", "train.max_steps", "train.save_every", "train.num_to_keep", "train.log_every",
                "train.log_dir", "train.address", "train.forward_env", "train.max_failures", "train.storage",
                "train.group_norms", "data.output", "data.engine", "data.ray_workers", "data.ray_address",
                "model.cache_dir", "model.backbone_id", "eval.", "study.")
@@ -215,8 +248,12 @@ def _fit(cfg: CKFConfig) -> dict:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": config_to_dict(cfg), "env": {k: os.environ[k] for k in WORKER_ENV if k in os.environ}},
-            scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
-                                         resources_per_worker={"CPU": 1, **({"GPU": 1} if tcfg.use_gpu else {})}),
+            # elastic (train.min_workers): Ray Train starts on what it gets in the range and
+            # restarts the group on the workers left after a loss; each size resumes exactly
+            scaling_config=ScalingConfig(
+                num_workers=(tcfg.min_workers, tcfg.num_workers) if tcfg.min_workers else tcfg.num_workers,
+                use_gpu=tcfg.use_gpu,
+                resources_per_worker={"CPU": 1, **({"GPU": 1} if tcfg.use_gpu else {}), **tcfg.worker_resources}),
             torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
             run_config=RunConfig(
                 name=cfg.run_name, storage_path=storage_path, storage_filesystem=pa_fs,

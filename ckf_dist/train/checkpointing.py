@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from ckf_dist.checkpoint import store
 from ckf_dist.contract import CHECKPOINT_EXPORT
+from ckf_dist.errors import CheckpointError
 from ckf_dist.storage import open_url
 
 Uploader = Callable[[Path, str, dict], None]  # (local folder, checkpoint dir name, metrics)
@@ -74,6 +75,156 @@ def gathered_trainable_state(engine, export_dtype: torch.dtype) -> dict[str, tor
     return {n: p.detach().to(export_dtype).cpu().clone() for n, p in named}
 
 
+# The world-size-free copy of the optimizer (rank 0 writes it beside the ZeRO shards): fp32
+# master weights and AdamW moments by parameter name, plus the step counts and the schedule.
+FULL_OPTIM = "optim/full.safetensors"
+FULL_OPTIM_STATE = "optim/state.json"
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _trainable(engine) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+
+
+def _zero_linked(p) -> bool:
+    """Whether DeepSpeed keeps ``p``'s fp32 master and moments in ZeRO partitions (stages 1-3; a
+    parameter outside this rank's partition has a ``None`` mapping, and still takes part in the
+    gathers)."""
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
+
+def _inner_optimizer(engine):
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def gathered_optimizer_state(engine) -> tuple[dict[str, torch.Tensor], dict]:
+    """The full fp32 master weights and AdamW moments of every trainable parameter (by name), and
+    the JSON-able rest (AdamW step, LR schedule, engine counters): what resuming on another
+    number of workers re-partitions. Collective (ZeRO gathers): every rank calls it."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    tensors: dict[str, torch.Tensor] = {}
+    inner = _inner_optimizer(engine)
+    _relink_moments(engine)
+    for name, p in _trainable(engine):
+        if _zero_linked(p):
+            tensors[f"fp32/{name}"] = safe_get_full_fp32_param(p).detach().float().cpu().clone()
+            for key in ADAM_KEYS:
+                tensors[f"{key}/{name}"] = safe_get_full_optimizer_state(p, key).detach().float().cpu().clone()
+        else:                       # no ZeRO partitioning: the optimizer holds the parameter itself
+            st = inner.state.get(p, {})
+            tensors[f"fp32/{name}"] = p.detach().float().cpu().clone()
+            for key in ADAM_KEYS:
+                tensors[f"{key}/{name}"] = (st[key] if key in st else torch.zeros_like(p)).detach().float().cpu().clone()
+    steps = [float(st["step"]) for st in inner.state.values() if "step" in st]
+    sched = engine.lr_scheduler
+    meta = {"adam_step": max(steps) if steps else 0.0,
+            "scheduler": {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"} if sched else None,
+            "global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples)}
+    return tensors, meta
+
+
+def _relink_moments(engine) -> None:
+    """Point every ZeRO-1/2 parameter fragment at its group's AdamW moments.
+
+    DeepSpeed links the fragments once, right after the first group's first optimizer step,
+    when the other groups' moments do not exist yet: with two groups (LoRA and bridge) the
+    bridge's fragments never see theirs. Linking again once every group has stepped fixes it.
+    """
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    inner = _inner_optimizer(engine)
+    if link is None or engine.zero_optimization_stage() == 3:
+        return
+    flats = [t for g in inner.param_groups for t in g["params"]]
+    if flats and all(f in inner.state for f in flats):
+        engine.optimizer._hp_optimizer_states_linked = False
+        link()
+
+
+def _set_zero3_partition(engine, p, value: torch.Tensor, key: str | None) -> None:
+    """Write this rank's slice of the full ``value`` into ``p``'s fp32 master (``key=None``) or
+    AdamW state ``key`` partition under ZeRO-3.
+
+    (DeepSpeed's ``set_full_hp_param`` reads the slice at ``rank x partition size`` with the
+    partition's own length, which runs past the end of a parameter whose size the world size
+    does not divide: its last partition is padded.)
+    """
+    import deepspeed.comm as dist
+
+    opt = engine.optimizer
+    group, offset, numel = opt.grad_position[opt.get_param_id(p)]
+    flat = opt.fp32_partitioned_groups_flat[group]
+    target = (flat if key is None else opt.optimizer.state[flat][key]).detach().narrow(0, offset, numel)
+    rank = dist.get_rank(group=opt._get_param_partition_group(p))
+    full = value.flatten().to(target.device, target.dtype)
+    start = rank * numel
+    real = max(0, min(numel, full.numel() - start))
+    target.zero_()
+    target[:real].copy_(full[start:start + real])
+
+
+class ElasticResumeError(CheckpointError):
+    """A checkpoint cannot be re-partitioned for another world size."""
+
+
+def load_resharded_state(engine, tensors: dict[str, torch.Tensor], meta: dict, grad_accum: int) -> None:
+    """Load :func:`gathered_optimizer_state` into an engine of any world size: the weights into the
+    model, the fp32 masters and moments into this rank's ZeRO partitions, the AdamW step, the LR
+    schedule and DeepSpeed's step counters."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    named = _trainable(engine)
+    missing = [n for n, _ in named if f"fp32/{n}" not in tensors]
+    if missing:
+        raise ElasticResumeError(f"the gathered optimizer state lacks {len(missing)} trainable tensor(s), e.g. "
+                                 f"{missing[0]!r}: it was saved by another model")
+    inner = _inner_optimizer(engine)
+    step = torch.tensor(float(meta["adam_step"]), dtype=torch.float32)
+    # A fresh engine has no AdamW state yet (torch creates it lazily at the first step): create
+    # it over the flat fp32 partitions, then let ZeRO 1/2 map each parameter's fragment into it.
+    zero3 = engine.zero_optimization_stage() == 3
+    flats = (list(engine.optimizer.fp32_partitioned_groups_flat) if zero3
+             else [t for g in inner.param_groups for t in g["params"]])
+    for flat in flats:
+        inner.state[flat] = {"step": step.to(flat.device).clone(),
+                             **{k: torch.zeros_like(flat, dtype=torch.float32) for k in ADAM_KEYS}}
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if not zero3 and any(_zero_linked(p) for _, p in named):
+        if link is None:
+            raise ElasticResumeError(f"this DeepSpeed ({deepspeed.__version__}) does not expose "
+                                     f"_lazy_init_hp_params_optimizer_state: resume with the saved train.num_workers")
+        engine.optimizer._hp_optimizer_states_linked = False
+        link()
+    for name, p in named:
+        w = tensors[f"fp32/{name}"]
+        if zero3:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                p.data.copy_(w.to(p.dtype))
+        else:
+            p.data.copy_(w.to(p.dtype))
+        if zero3:
+            _set_zero3_partition(engine, p, w, None)
+            for key in ADAM_KEYS:
+                _set_zero3_partition(engine, p, tensors[f"{key}/{name}"], key)
+        elif _zero_linked(p):
+            safe_set_full_fp32_param(p, w.to(engine.device))
+            for key in ADAM_KEYS:
+                safe_set_full_optimizer_state(p, tensors[f"{key}/{name}"].to(engine.device), key)
+        else:
+            inner.state[p] = {"step": step.to(p.device).clone(),
+                              **{k: tensors[f"{k}/{name}"].to(p.device, p.dtype).clone() for k in ADAM_KEYS}}
+    sched = engine.lr_scheduler
+    if sched is not None and meta.get("scheduler"):
+        sched.load_state_dict(dict(meta["scheduler"], lr_lambdas=[None] * len(sched.lr_lambdas)))
+        for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
+            group["lr"] = lr
+    engine.global_steps = int(meta["global_steps"])
+    engine.global_samples = int(meta["global_samples"])
+    engine.micro_steps = engine.global_steps * grad_accum
+
+
 @contextlib.contextmanager
 def frozen_tensors_dropped(module: torch.nn.Module):
     """While active, ``module.state_dict()`` leaves out every frozen parameter.
@@ -117,9 +268,13 @@ def save_worker_checkpoint(
         engine.save_checkpoint(str(stage / "ds"), tag=name, exclude_frozen_parameters=True,
                                save_latest=(rank == 0))
     export = gathered_trainable_state(engine, export_dtype)
+    optim, optim_meta = gathered_optimizer_state(engine)
     if rank == 0:
         (stage / "export").mkdir()
         save_file(export, str(stage / CHECKPOINT_EXPORT), metadata={"step": str(step)})
+        (stage / "optim").mkdir()
+        save_file(optim, str(stage / FULL_OPTIM), metadata={"step": str(step)})
+        (stage / FULL_OPTIM_STATE).write_text(json.dumps(optim_meta))
         for rel, text in rank0_files.items():
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
             (stage / rel).write_text(text)
@@ -153,23 +308,36 @@ def _lower_thread_priority() -> None:
         pass
 
 
-def load_worker_checkpoint(engine, ref: store.CheckpointRef, rank: int, world_size: int) -> dict:
-    """Restore engine, RNG and this rank's worker state from a committed checkpoint."""
+def load_worker_checkpoint(engine, ref: store.CheckpointRef, rank: int, world_size: int, grad_accum: int = 1) -> dict:
+    """Restore engine, RNG and this rank's worker state from a committed checkpoint.
+
+    Saved by the same number of workers: DeepSpeed's own ZeRO shards, bit for bit. Saved by
+    another number: the gathered optimizer state (``optim/``) re-partitioned for this world
+    (:func:`load_resharded_state`) and rank 0's worker state, whose data cursor is global.
+    """
     saved_world = ref.manifest.get("world_size")
-    if saved_world != world_size:
-        raise store.CheckpointError(
-            f"{ref.url}: saved with {saved_world} workers, resuming with {world_size}; exact resume needs the same "
-            f"train.num_workers (or start a new run_name)")
     files = ref.manifest["files"]
-    wanted = [f for f in files if f.startswith("ds/")]
-    wanted += [f"state/rank_{rank:05d}.json", f"state/rng_rank_{rank:05d}.safetensors"]
+    elastic = saved_world != world_size
+    if elastic and FULL_OPTIM not in files:
+        raise ElasticResumeError(
+            f"{ref.url}: saved with {saved_world} workers and without a gathered optimizer state (a checkpoint of an "
+            f"older version); resume it with train.num_workers={saved_world}, or start a new run_name")
+    state_rank = 0 if elastic else rank
+    wanted = [f"state/rank_{state_rank:05d}.json", f"state/rng_rank_{state_rank:05d}.safetensors"]
+    wanted += [FULL_OPTIM, FULL_OPTIM_STATE] if elastic else [f for f in files if f.startswith("ds/")]
     local = Path(tempfile.mkdtemp(prefix=f"ckf-resume-r{rank}-"))
     try:
         store.fetch(ref, wanted, local)
-        engine.load_checkpoint(str(local / "ds"), tag=store.step_dir_name(ref.step), load_module_strict=False,
-                               load_optimizer_states=True, load_lr_scheduler_states=True)
-        state = json.loads((local / "state" / f"rank_{rank:05d}.json").read_text())
-        set_rng_state(state.pop("rng"), load_file(str(local / "state" / f"rng_rank_{rank:05d}.safetensors")))
+        if elastic:
+            load_resharded_state(engine, load_file(str(local / FULL_OPTIM)),
+                                 json.loads((local / FULL_OPTIM_STATE).read_text()), grad_accum)
+        else:
+            engine.load_checkpoint(str(local / "ds"), tag=store.step_dir_name(ref.step), load_module_strict=False,
+                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        state = json.loads((local / "state" / f"rank_{state_rank:05d}.json").read_text())
+        rng = state.pop("rng")
+        if not elastic:     # training draws its dropout from per-micro-batch seeds; restored for the rest
+            set_rng_state(rng, load_file(str(local / "state" / f"rng_rank_{rank:05d}.safetensors")))
     finally:
         shutil.rmtree(local, ignore_errors=True)
     return state

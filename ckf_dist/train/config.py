@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 
@@ -21,7 +21,14 @@ class TrainConfig:
     """Ray Train + DeepSpeed ZeRO settings and the optimisation schedule."""
 
     num_workers: int = 2
+    # > 0: elastic (Ray Train's (min, max) worker range): start on as many workers between
+    # min_workers and num_workers as the cluster gives, and after losing one go on with those
+    # left (needs max_failures >= 1). Every size keeps the global batch micro_batch_size x
+    # grad_accum x num_workers (grad_accum is set per size), so each size must divide it.
+    min_workers: int = 0
     use_gpu: bool = False
+    # extra Ray resources each worker asks for, e.g. a custom node resource {"trainer_slot": 1}
+    worker_resources: dict[str, float] = field(default_factory=dict)
     address: str = ""                  # Ray cluster address; "" starts a local cluster
     storage: str = "runs/checkpoints"  # fsspec URL for checkpoints (local path, s3://, gs://)
     zero_stage: int = 2
@@ -59,9 +66,36 @@ class TrainConfig:
     log_dir: str = "runs/logs"         # JSONL + TensorBoard, written by rank 0 (local to its node)
     forward_env: list[str] = field(default_factory=lambda: list(FORWARD_ENV))  # names passed to a remote cluster
 
+    @property
+    def global_batch(self) -> int:
+        """Rows of one optimizer step over all workers."""
+        return self.micro_batch_size * self.grad_accum * self.num_workers
+
+    def on_workers(self, world: int) -> "TrainConfig":
+        """This config as run on ``world`` workers: ``grad_accum`` set to keep the global batch."""
+        if world == self.num_workers:
+            return self
+        accum, rest = divmod(self.global_batch, self.micro_batch_size * world)
+        if rest or accum < 1:
+            raise ValueError(f"num_workers: {world} workers cannot keep the global batch of {self.global_batch} rows "
+                             f"at micro_batch_size {self.micro_batch_size}")
+        return replace(self, num_workers=world, grad_accum=accum)
+
     def validate(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"num_workers: must be >= 1, got {self.num_workers}")
+        if not 0 <= self.min_workers <= self.num_workers:
+            raise ValueError(f"min_workers: must be in [0, num_workers={self.num_workers}] (0: a fixed number), "
+                             f"got {self.min_workers}")
+        if self.min_workers:
+            sizes = range(self.min_workers, self.num_workers + 1)
+            bad = [w for w in sizes if self.global_batch % (self.micro_batch_size * w)]
+            if bad:
+                raise ValueError(f"min_workers: on {bad} worker(s) no grad_accum keeps the global batch of "
+                                 f"{self.global_batch} rows (micro_batch_size {self.micro_batch_size} x grad_accum "
+                                 f"{self.grad_accum} x num_workers {self.num_workers}); choose a range whose sizes divide it")
+            if self.max_failures < 1:
+                raise ValueError("min_workers: an elastic run goes on after losing a worker only with max_failures >= 1")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.micro_batch_size < 1 or self.grad_accum < 1:

@@ -7,6 +7,7 @@ world of one (``run_worker`` with a local uploader), which is what the fast test
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from ckf_dist.contract import IGNORE_INDEX, N_TASKS, STREAMS
 from ckf_dist.data import shards
 from ckf_dist.config import CKFConfig, config_to_dict, dump_config
 from ckf_dist.train.checkpointing import barrier, load_worker_checkpoint, save_worker_checkpoint
-from ckf_dist.train.deepspeed_config import TrainError, build_deepspeed_config
+from ckf_dist.train.deepspeed_config import build_deepspeed_config
 from ckf_dist.train.metrics_log import MetricsLog
 from ckf_dist.storage import open_url
 
@@ -100,13 +101,20 @@ class Worker:
     """One rank of a CKF training run."""
 
     def __init__(self, cfg: CKFConfig, rank: int, world_size: int, uploader, fault: str = ""):
+        if world_size != cfg.train.num_workers:
+            # an elastic run (train.min_workers) on fewer or more workers than num_workers: the
+            # same global batch, as grad_accum micro-batches per worker
+            most = cfg.train.num_workers
+            cfg = dataclasses.replace(cfg, train=cfg.train.on_workers(world_size))
+            if rank == 0:
+                print(f"[ckf] running on {world_size} of up to {most} workers: grad_accum "
+                      f"{cfg.train.grad_accum} keeps the global batch of {cfg.train.global_batch} rows", flush=True)
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.uploader = uploader
         self.fault = parse_fault(fault)
         # CKF_SAMPLE_LOG=DIR: every rank appends the sample ids of each micro-batch (tests, audits)
         log_dir = os.environ.get("CKF_SAMPLE_LOG", "")
         self.sample_log = os.path.join(log_dir, f"samples_rank{rank}.jsonl") if log_dir else ""
-        self.replay = os.environ.get("CKF_REPLAY", "")
         self.step = 0
         self.log = MetricsLog(cfg, rank)
         self._retention: threading.Thread | None = None
@@ -124,8 +132,10 @@ class Worker:
         # DeepSpeed's comm layer joins the process group Ray Train set up (zero.Init needs it early)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() and tcfg.use_gpu else "gloo")
         self.manifest, _, _ = read_dataset_manifest(cfg.data.output)
+        # every rank takes its micro_batch_size x grad_accum rows of each global batch of one order
         self.stream = ShardStream(cfg.data.output, split="train", rank=self.rank, world_size=self.world,
-                                  seed=cfg.seed, shuffle_buffer=tcfg.shuffle_buffer, prefetch=tcfg.prefetch_shards)
+                                  seed=cfg.seed, shuffle_buffer=tcfg.shuffle_buffer, prefetch=tcfg.prefetch_shards,
+                                  rank_batch=tcfg.micro_batch_size * tcfg.grad_accum)
         seed_everything(cfg.seed)
         self.ds_config = build_deepspeed_config(tcfg, self.world, cfg.model.dtype)
         # ZeRO-3: the frozen backbone is partitioned as it loads (no rank holds all of it);
@@ -139,9 +149,15 @@ class Worker:
         cf = load_cf_tables(cfg.data.output, manifest=self.manifest)
         model = build_ckf_model(cfg.model, backbone, torch.from_numpy(cf["user"]), torch.from_numpy(cf["item"]),
                                 n_tasks=N_TASKS)
+        # from_pretrained hands the backbone over in eval mode, where transformers skips gradient
+        # checkpointing (and any dropout): training runs the whole model in train mode
+        model.train()
         self.total_steps = self._total_steps()
         self.groups = param_groups(model)
         params = [p for ps in self.groups.values() for p in ps]
+        if tcfg.zero_stage in (1, 2):       # gradient buckets sized to the trainable set
+            self.ds_config = build_deepspeed_config(tcfg, self.world, cfg.model.dtype,
+                                                    n_trainable=sum(p.numel() for p in params))
         # fused: one kernel per step over the (ZeRO-flattened) fp32 partition instead of ~10
         # elementwise passes; torch has it on CPU and CUDA (docs/performance.md, "fused AdamW")
         lrs = {"lora": tcfg.lr, "bridge": tcfg.lr_bridge or tcfg.lr}
@@ -156,11 +172,7 @@ class Worker:
 
     def _total_steps(self) -> int:
         t = self.cfg.train
-        per_step = t.micro_batch_size * t.grad_accum
-        steps_per_epoch = self.stream.rows_per_rank() // per_step
-        if steps_per_epoch == 0:
-            raise TrainError(f"{self.cfg.data.output}: {self.stream.rows_per_rank()} training rows per worker is fewer "
-                             f"than one step (micro_batch_size x grad_accum = {per_step}); use fewer workers or a smaller batch")
+        steps_per_epoch = self.stream.batches_per_epoch      # the stream refuses a split smaller than one step
         total = math.ceil(t.epochs * steps_per_epoch) if t.epochs > 0 else t.max_steps
         return min(total, t.max_steps) if t.max_steps > 0 else total
 
@@ -170,22 +182,22 @@ class Worker:
         ref = store.latest_committed(self.cfg.train.storage, self.cfg.run_name)
         if ref is None:
             return False
-        state = load_worker_checkpoint(self.engine, ref, self.rank, self.world)
+        state = load_worker_checkpoint(self.engine, ref, self.rank, self.world, self.cfg.train.grad_accum)
         self.step = int(state["step"])
         self.stream.load_state_dict(state["cursor"])
         self.log.restore(ref)
         if self.rank == 0:
-            print(f"[ckf] resumed from {ref.url} at step {self.step}/{self.total_steps}", flush=True)
+            saved = ref.manifest.get("world_size")
+            how = f" (saved by {saved} workers, resharded for {self.world})" if saved != self.world else ""
+            print(f"[ckf] resumed from {ref.url} at step {self.step}/{self.total_steps}{how}", flush=True)
         return True
 
     # ------------------------------------------------------------------ loop
     def batches(self):
-        """Micro-batches of this rank's rows, epoch after epoch (a partial last batch is dropped)."""
+        """Micro-batches of this rank's rows, epoch after epoch: consecutive ``micro_batch_size`` rows
+        of its slice of each global batch (the stream ends every epoch on a global batch)."""
         from ckf_dist.data.collate import collate
 
-        if self.replay:
-            yield from self.replay_batches()
-            return
         mb = self.cfg.train.micro_batch_size
         while True:          # each pass over the stream is the rest of its current epoch
             rows = []
@@ -195,28 +207,14 @@ class Worker:
                     yield collate(rows, self.pad_id)
                     rows = []
 
-    def replay_batches(self):
-        """The global micro-batches recorded by ``CKF_SAMPLE_LOG`` (all ranks' rows, rank order), for
-        a one-worker rerun of a multi-worker run (``CKF_REPLAY=DIR``): same data, one process."""
-        from ckf_dist.data.collate import collate
-
-        if self.world != 1:
-            raise TrainError("CKF_REPLAY replays a run's global batches in one worker; set train.num_workers=1")
-        records: dict[tuple[int, int, int], list[int]] = {}
-        for path in sorted(Path(self.replay).glob("samples_rank*.jsonl")):
-            for line in path.read_text().splitlines():
-                rec = json.loads(line)          # a step redone after a restart overwrites the first try
-                records[(rec["step"], rec["micro"], rec["rank"])] = rec["sample_ids"]
-        by_step: dict[tuple[int, int], list[int]] = {}
-        for (step, micro, _rank), ids in sorted(records.items()):
-            by_step.setdefault((step, micro), []).extend(ids)
-        wanted = {i for ids in by_step.values() for i in ids}
-        rows = {}
-        for row in self.stream:
-            if row["sample_id"] in wanted:
-                rows[row["sample_id"]] = row
-        for step in sorted(by_step):
-            yield collate([rows[i] for i in by_step[step]], self.pad_id)
+    def steps(self):
+        """The ``grad_accum`` micro-batches of each optimizer step, as lists."""
+        accum, group = self.cfg.train.grad_accum, []
+        for batch in self.batches():
+            group.append(batch)
+            if len(group) == accum:
+                yield group
+                group = []
 
     def global_means(self, acc: dict[str, float]) -> dict[str, float]:
         """The headline losses averaged over ranks (per-task losses stay this rank's)."""
@@ -256,40 +254,44 @@ class Worker:
             sq = sum(float((p.detach().float() - o).square().sum()) for p, o in zip(self.groups[g], old))
             stats[f"update_norm/{g}"] = sq ** 0.5
 
-    def token_denominators(self, batch: dict) -> dict[str, float] | None:
-        """Per-stream divisors that make the ranks' averaged gradient a mean over all their tokens
-        (``train.loss_norm: sample``: over all their rows with an answer)."""
-        if self.world == 1:
-            return None
-        import torch.distributed as dist
-
-        def count(s):
+    def step_denominators(self, micro_batches: list[dict]) -> dict[str, float]:
+        """Per-stream divisors that make the step's gradient the mean over every answer token of
+        the global batch (``train.loss_norm: sample``: over its rows with an answer), whatever the
+        split into ranks and micro-batches: DeepSpeed divides by grad_accum and averages over the
+        ranks, so each micro-batch divides its sum by count / (world_size * grad_accum)."""
+        def count(batch, s):
             answer = batch[f"{s}_labels"][:, 1:] != IGNORE_INDEX
             return float(answer.any(1).sum() if self.cfg.train.loss_norm == "sample" else answer.sum())
 
-        counts = torch.tensor([count(s) for s in STREAMS], dtype=torch.float64)
-        dist.all_reduce(counts)
-        return {s: max(float(c), 1.0) / self.world for s, c in zip(STREAMS, counts.tolist())}
+        counts = torch.tensor([sum(count(b, s) for b in micro_batches) for s in STREAMS], dtype=torch.float64)
+        if self.world > 1:
+            import torch.distributed as dist
 
-    def train(self) -> dict:
-        """Run until ``total_steps`` optimizer steps; checkpoint every ``save_every`` and at the end."""
-        tcfg = self.cfg.train
-        engine = self.engine
-        t0, seen, tokens, micro = time.perf_counter(), 0, 0, 0
+            dist.all_reduce(counts)
+        parts = self.world * len(micro_batches)
+        return {s: max(float(c), 1.0) / parts for s, c in zip(STREAMS, counts.tolist())}
+
+    def train_step(self, micro_batches: list[dict]) -> tuple[dict[str, float], int, int]:
+        """One optimizer step over this rank's ``grad_accum`` micro-batches: ``(stats averaged over
+        them, rows, tokens)``. ``self.step`` is the step being taken (not advanced here)."""
+        tcfg, engine = self.cfg.train, self.engine
         acc: dict[str, float] = {}
-        for batch in self.batches():
-            if self.step >= self.total_steps:
-                break
+        seen = tokens = 0
+        if not tcfg.loss_eos:
+            micro_batches = [mask_answer_eos(b, self.eos_id) for b in micro_batches]
+        denoms = self.step_denominators(micro_batches)
+        for micro, batch in enumerate(micro_batches):
             if self.sample_log:
                 with open(self.sample_log, "a") as fh:
-                    fh.write(dump_json({"step": self.step, "micro": micro, "rank": self.rank,
-                                        "sample_ids": batch["sample_ids"].tolist()}) + "\n")
-            if not tcfg.loss_eos:
-                batch = mask_answer_eos(batch, self.eos_id)
-            denoms = self.token_denominators(batch)
+                    fh.write(dump_json({"step": self.step, "micro": micro, "rank": self.rank, "world": self.world,
+                                        "t": time.time(), "sample_ids": batch["sample_ids"].tolist()}) + "\n")
+            # dropout masks follow the micro-batch's place in the global batch, not the rank
+            torch.manual_seed(micro_seed(self.cfg.seed, self.step, self.rank * tcfg.grad_accum + micro))
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            loss, stats = engine.module.loss(batch, step=self.step, total_steps=self.total_steps, mode=tcfg.mode,
-                                             denoms=denoms, curriculum=tcfg.curriculum, norm=tcfg.loss_norm)
+            # through the engine, not engine.module: ZeRO-3 counts the step's micro-batches in its
+            # forward, and without that count each micro-batch's gradient replaced the last one's
+            loss, stats = engine(batch=batch, step=self.step, total_steps=self.total_steps, mode=tcfg.mode,
+                                 denoms=denoms, curriculum=tcfg.curriculum, norm=tcfg.loss_norm)
             bridge = engine.module.bridge
             if bridge is not None and batch["slot_row"].numel():    # injected-token scale vs real tokens
                 stats.update(bridge.token_norms(batch["history"], batch["slot_row"], batch["slot_kind"],
@@ -307,10 +309,17 @@ class Worker:
             for k, v in stats.items():
                 acc[k] = acc.get(k, 0.0) + float(v) / tcfg.grad_accum
             acc.update(norms)
-            micro += 1
-            if micro < tcfg.grad_accum:
-                continue
-            micro = 0
+        return acc, seen, tokens
+
+    def train(self) -> dict:
+        """Run until ``total_steps`` optimizer steps; checkpoint every ``save_every`` and at the end."""
+        tcfg = self.cfg.train
+        engine = self.engine
+        t0 = time.perf_counter()
+        for micro_batches in self.steps():
+            if self.step >= self.total_steps:
+                break
+            acc, seen, tokens = self.train_step(micro_batches)
             self.step += 1
             acc.update(self.global_means(acc))
             dt = time.perf_counter() - t0
@@ -319,7 +328,7 @@ class Worker:
                 acc["lr_bridge"] = lr_now[1]
             self.log.step(self.step, self.total_steps, acc, lr=lr_now[0],
                           samples_per_s=seen * self.world / dt, tokens_per_s=tokens * self.world / dt)
-            acc, t0, seen, tokens = {}, time.perf_counter(), 0, 0
+            t0 = time.perf_counter()
             if self.step % tcfg.save_every == 0 or self.step == self.total_steps:
                 self.save()
             self._maybe_fault()
@@ -433,6 +442,12 @@ def local_uploader(cfg: CKFConfig):
         fs.put(str(folder) + "/", dest, recursive=True)
 
     return upload
+
+
+def micro_seed(seed: int, step: int, index: int) -> int:
+    """The torch seed of micro-batch ``index`` of the global batch of ``step`` (rank x grad_accum +
+    micro): dropout is the same whichever rank and world size run it."""
+    return int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0])
 
 
 def dump_json(obj) -> str:

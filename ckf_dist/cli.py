@@ -7,6 +7,7 @@
     ckf evaluate RUN_DIR_OR_CKPT --config CONFIG [--set ...]
     ckf study CONFIG [--set ...]      train + evaluate the ablation grid of study.variants
     ckf demo [CONFIG]                 prepare -> train -> consolidate -> evaluate
+    ckf plan CONFIG... [--gpus N --gpu-memory GiB]   memory per GPU, the largest micro-batch
     ckf submit CONFIG --address http://HEAD:8265   /   ckf jobs list|logs|stop
 """
 
@@ -86,6 +87,13 @@ def cmd_demo(args) -> int:
     return run_demo(args.config or DEFAULT_DEMO_CONFIG, args.overrides)
 
 
+def cmd_plan(args) -> int:
+    from ckf_dist.stages.plan import run_plan
+
+    run_plan(args.configs, args.overrides, args.gpus, args.gpu_memory, args.length, args.mfu, args.peak_tflops)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ckf",
@@ -143,6 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="prepare -> train -> consolidate -> evaluate on the embedded default")
     _add_config_args(p, required=False)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("plan", help="memory per GPU by component and the largest micro-batch that fits, per config",
+                       description="Predict what a run needs per GPU before renting any: exact parameter counts (the "
+                                   "model built on the meta device from the backbone's config.json, or the preset's "
+                                   "known architecture), frozen and trainable weights, gradients, AdamW state and ZeRO "
+                                   "buffers for the ZeRO stage, activations with and without gradient checkpointing "
+                                   "at the config's micro-batch and length, and the largest micro-batch that fits.")
+    p.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML run config(s), e.g. configs/*.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field for every config (repeatable)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs (one worker each; default: train.num_workers)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GiB", help="memory of one GPU (default 80)")
+    p.add_argument("--length", type=int, default=None, metavar="TOKENS",
+                   help="tokens per row (default data.max_length, the longest a micro-batch can pad to)")
+    p.add_argument("--mfu", type=float, default=None, help="with --peak-tflops: predict tokens/s at this MFU")
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense peak of one GPU in the config's dtype")
+    p.set_defaults(func=cmd_plan)
 
     from ckf_dist.launch.cli import add_cli   # argparse only: ray loads when a command talks to a cluster
 

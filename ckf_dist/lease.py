@@ -6,11 +6,17 @@ clean-up of the folder. It names its holder (host, pid, command, start time) and
 that a heartbeat thread pushes forward every ``ttl / 3`` seconds while the writer runs.
 
 Acquire: read the lease; a live one held by someone else is refused with a message naming
-the holder. An absent, expired, or same-host-dead-pid lease is taken by writing our own and
-reading it back after a short settle time: of two writers racing, only the one whose write
-landed last sees its own token and proceeds. On object stores without conditional writes this
-is best-effort (the settle time must exceed the gap between a racer's read and write, a few
-requests); a writer that finds its lease taken over stops before it commits (:meth:`check`).
+the holder. An absent, expired, or same-host-dead-pid lease is taken:
+- on S3, atomically, with S3's conditional writes: an absent lease is created only if it is
+  still absent (``If-None-Match: *``) and a stale one replaced only if it is still the version
+  read (``If-Match: <ETag>``); each heartbeat rewrites it only if it is still ours. Of two
+  writers racing, exactly one write lands; the other is refused with the winner named, and a
+  writer whose heartbeat finds another version has lost the lease;
+- elsewhere (local disk, other stores), by writing our own and reading it back after a short
+  settle time: of two writers racing, only the one whose write landed last sees its own token
+  and proceeds (best-effort where the store has no conditional write: the settle time must
+  exceed the gap between a racer's read and write, a few requests).
+A writer that finds its lease taken over stops before it commits (:meth:`check`).
 """
 
 from __future__ import annotations
@@ -52,6 +58,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _conditional_puts() -> bool:
+    """Whether the installed botocore sends S3's conditional PutObject headers (If-None-Match,
+    If-Match: botocore 1.35.68 and later); without them the lease falls back to read-back."""
+    global _CONDITIONAL
+    if _CONDITIONAL is None:
+        try:
+            import botocore.session
+
+            members = botocore.session.get_session().get_service_model("s3").operation_model("PutObject").input_shape.members
+            _CONDITIONAL = "IfMatch" in members and "IfNoneMatch" in members
+        except Exception:  # noqa: BLE001 - no botocore, or a model without the operation
+            _CONDITIONAL = False
+    return _CONDITIONAL
+
+
+_CONDITIONAL: bool | None = None
+
+
 class Lease:
     """An exclusive, expiring writer lease on the folder at ``url`` (a context manager)."""
 
@@ -70,6 +94,9 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost = False
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self.conditional = protocol in ("s3", "s3a") and _conditional_puts()    # If-None-Match / If-Match
+        self.etag: str | None = None                        # the version of the lease we wrote last
 
     # ------------------------------------------------------------------ storage
     def _read(self) -> dict | None:
@@ -87,6 +114,33 @@ class Lease:
         body = dict(self.holder, expires=time.time() + self.ttl)
         with guarded(self.lease_url):
             write_bytes_atomic(self.fs, self.path, json.dumps(body).encode())
+
+    def _version(self) -> str | None:
+        """The lease object's current ETag, or None when there is none."""
+        with guarded(self.lease_url):
+            try:
+                return self.fs.info(self.path, refresh=True).get("ETag")
+            except FileNotFoundError:
+                return None
+
+    def _put_if(self, etag: str | None) -> bool:
+        """Write our lease only if the object is still at version ``etag`` (None: still absent);
+        False when another write got there first."""
+        body = json.dumps(dict(self.holder, expires=time.time() + self.ttl)).encode()
+        try:
+            condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+            out = self.fs.pipe_file(self.path, body, **condition)
+        except FileExistsError:                    # created by someone else meanwhile
+            return False
+        except OSError as exc:
+            if "pre-condition" in str(exc).lower() or "precondition" in str(exc).lower():
+                return False                        # rewritten by someone else meanwhile
+            with guarded(self.lease_url):
+                raise
+        self.etag = out.get("ETag") if isinstance(out, dict) else None
+        if self.etag is None:
+            self.etag = self._version()
+        return True
 
     def _is_stale(self, lease: dict) -> bool:
         if float(lease.get("expires", 0)) < time.time():
@@ -106,16 +160,21 @@ class Lease:
         if not self.path:             # a bucket root has no parent to hold the lease beside it
             print(f"[ckf] warning: {self.url} is a bucket root; concurrent writers are not detected", flush=True)
             return self
+        version = self._version() if self.conditional else None      # before the content: see _put_if
         current = self._read()
         if current and current.get("token") != self.token and not self._is_stale(current):
             raise self._refuse(current)
-        with guarded(self.lease_url):
-            self.fs.makedirs(self.parent, exist_ok=True)     # a fresh clone has no runs/data/ yet
-        self._write()
-        time.sleep(SETTLE)
-        again = self._read()
-        if not again or again.get("token") != self.token:
-            raise self._refuse(again or {})
+        if self.conditional:
+            if not self._put_if(version):
+                raise self._refuse(self._read() or {})
+        else:
+            with guarded(self.lease_url):
+                self.fs.makedirs(self.parent, exist_ok=True)     # a fresh clone has no runs/data/ yet
+            self._write()
+            time.sleep(SETTLE)
+            again = self._read()
+            if not again or again.get("token") != self.token:
+                raise self._refuse(again or {})
         self._thread = threading.Thread(target=self._heartbeat, name="ckf-lease", daemon=True)
         self._thread.start()
         return self
@@ -123,6 +182,11 @@ class Lease:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             try:
+                if self.conditional:
+                    if not self._put_if(self.etag):
+                        self.lost = True       # another version: taken over, the writer must not commit
+                        return
+                    continue
                 current = self._read()
                 if not current or current.get("token") != self.token:
                     self.lost = True           # expired and taken over: the writer must not commit

@@ -75,6 +75,49 @@ def test_lease_on_object_storage(s3_url):
             pass
 
 
+def test_s3_leases_are_atomic_under_a_race(s3_url, monkeypatch):
+    """On S3 the lease is taken with conditional writes: a racer that read "no lease" (or a
+    stale one) just before the winner wrote is refused, not silently let in; a heartbeat that
+    finds another version loses the lease. (The read-back of other stores would let both in
+    when the reads come before both writes.)"""
+    winner = Lease(f"{s3_url}/runs/race", "ckf train", ttl=60)
+    assert winner.conditional
+    loser = Lease(f"{s3_url}/runs/race", "ckf train", ttl=60)
+    def seen_once(value, real):
+        calls = []
+        return lambda: value if not calls.append(1) and len(calls) == 1 else real()
+
+    # what the loser saw just before the winner wrote: no lease (its later reads are real)
+    monkeypatch.setattr(loser, "_version", seen_once(None, loser._version))
+    monkeypatch.setattr(loser, "_read", seen_once(None, loser._read))
+    winner.acquire()
+    try:
+        with pytest.raises(StorageError, match="locked by another ckf train"):
+            loser.acquire()
+        assert json.loads(winner.fs.cat_file(winner.path))["token"] == winner.token    # the winner's stays
+        # a stale lease raced for by two takers: the version both read is gone after the first
+        winner._stop.set()
+        winner._thread.join(timeout=5)
+        stale = winner.etag
+        winner.fs.pipe_file(winner.path, json.dumps({"host": "elsewhere", "pid": 1, "token": "old",
+                                                     "expires": time.time() - 1}).encode())
+        stale_version = winner._version()
+        first = Lease(f"{s3_url}/runs/race", "ckf train", ttl=60).acquire()
+        try:
+            second = Lease(f"{s3_url}/runs/race", "ckf train", ttl=60)
+            old = {"host": "elsewhere", "pid": 1, "token": "old", "expires": time.time() - 1}
+            monkeypatch.setattr(second, "_read", seen_once(old, second._read))        # it read the stale lease too
+            monkeypatch.setattr(second, "_version", seen_once(stale_version, second._version))
+            with pytest.raises(StorageError, match="locked by another ckf train"):
+                second.acquire()
+            # the first holder's heartbeat only rewrites its own version: the old holder's fails
+            assert winner._put_if(stale) is False
+        finally:
+            first.release()
+    finally:
+        winner._stop.set()
+
+
 def test_concurrent_prepare_into_one_folder_is_refused_and_nothing_is_corrupted(tmp_path):
     from ckf_dist.data.shards import read_dataset_manifest
     from ckf_dist.data.stream import ShardStream
@@ -114,6 +157,33 @@ def test_resume_refuses_a_config_that_differs_where_it_matters(prepared_dataset,
     check_resume(cfg)
     cfg.train.lr, cfg.model.lora.r = cfg.train.lr * 10, cfg.model.lora.r * 2
     with pytest.raises(TrainError, match=r"differs in 2 field\(s\).*model.lora.r: .*train.lr: "):
+        check_resume(cfg)
+
+
+def test_resume_on_other_workers_keeps_the_global_batch(prepared_dataset, tmp_path, capsys):
+    from ckf_dist.stages.train import check_resume
+
+    ref, _ = make_checkpoint(str(tmp_path / "ckpts"), prepared_dataset, run="elastic-run")
+    saved = config_from_dict(ref.manifest["config"], "<saved>")
+    want = saved.train.global_batch
+    for workers in (1, 2, 4):
+        cfg = config_from_dict(ref.manifest["config"], "<saved>")
+        cfg.train.storage = str(tmp_path / "ckpts")
+        if want % (cfg.train.micro_batch_size * workers):
+            continue
+        cfg.train.num_workers = workers
+        out = check_resume(cfg)                                   # grad_accum follows the number of workers
+        assert out.train.num_workers == workers and out.train.global_batch == want
+        assert out.train.grad_accum == want // (cfg.train.micro_batch_size * workers)
+    assert "keeps the global batch" in capsys.readouterr().out
+    cfg = config_from_dict(ref.manifest["config"], "<saved>")
+    cfg.train.storage = str(tmp_path / "ckpts")
+    cfg.train.micro_batch_size, cfg.train.grad_accum = cfg.train.micro_batch_size * 2, 1
+    cfg.train.num_workers = max(1, want // cfg.train.micro_batch_size)     # same product, other split: fine
+    if cfg.train.global_batch == want:
+        assert check_resume(cfg).train.global_batch == want
+    cfg.train.num_workers = want + 1                              # no grad_accum keeps it: refused, with the sizes
+    with pytest.raises(TrainError, match=rf"global batch is {want} rows"):
         check_resume(cfg)
 
 

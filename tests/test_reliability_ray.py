@@ -121,3 +121,70 @@ def test_killing_the_driver_stops_its_workers_and_agents(prepared_dataset, tmp_p
     finally:
         if train.poll() is None:
             train.kill()
+
+
+def _train_workers() -> dict[int, str]:
+    """pid -> start time of every Ray Train worker process on this machine."""
+    from ckf_dist.reaper import start_time
+
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "RayTrainWorker" in cmd:
+            t = start_time(int(entry.name))
+            if t is not None:
+                out[int(entry.name)] = t
+    return out
+
+
+def test_killing_the_driver_of_a_remote_cluster_run_stops_its_workers(prepared_dataset, tmp_path):
+    """`ckf train` with `train.address` (a cluster it did not start, so no reaper): SIGKILL of the
+    driver ends its Ray job, and the cluster stops the job's controller and training workers
+    within a minute; the cluster itself stays up and nothing is committed after the kill."""
+    from ray.cluster_utils import Cluster
+
+    from ckf_dist.reaper import start_time
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
+    try:
+        cfg = tiny_config(prepared_dataset.url)
+        cfg.run_name, cfg.model.backbone = "remote-orphans", "tiny-llama"
+        t = cfg.train
+        t.storage, t.num_workers, t.max_steps, t.save_every = str(tmp_path / "ckpt"), 2, 2000, 5
+        t.micro_batch_size, t.address = 2, cluster.address
+        config = tmp_path / "remote.yaml"
+        config.write_text(dump_config(cfg))
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CKF_FAULT")}
+        out = tmp_path / "train.out"
+        train = subprocess.Popen([str(Path(sys.executable).parent / "ckf"), "train", str(config)], env=env,
+                                 stdout=open(out, "w"), stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while "[ckf] step 6/" not in out.read_text() and train.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert train.poll() is None and "[ckf] step 6/" in out.read_text(), out.read_text()[-3000:]
+            workers = _train_workers()
+            assert len(workers) == 2, workers
+            os.kill(train.pid, signal.SIGKILL)
+            train.wait(timeout=10)
+            committed = sorted(p.parent.name for p in (tmp_path / "ckpt" / "remote-orphans").glob("step_*/COMMITTED"))
+            deadline = time.monotonic() + 60
+            alive = list(workers)
+            while alive and time.monotonic() < deadline:
+                alive = [p for p in alive if start_time(p) == workers[p]]
+                time.sleep(0.5)
+            assert not alive, f"training workers still running 60 s after the driver died: {alive}"
+            time.sleep(3)
+            after = sorted(p.parent.name for p in (tmp_path / "ckpt" / "remote-orphans").glob("step_*/COMMITTED"))
+            assert after == committed
+            assert cluster.head_node.remaining_processes_alive()      # the user's cluster is left running
+        finally:
+            if train.poll() is None:
+                train.kill()
+    finally:
+        cluster.shutdown()

@@ -11,8 +11,9 @@ one module-scoped set of runs feeds several tests:
   stopped by a fault right after its checkpoint, the next resuming it with another
   ``train.num_workers``), which must equal ``base`` sample for sample and in its weights;
 - ``zero3``: 2 workers, ZeRO-3, 3 steps, and the same 2 -> 1 -> 2 chain of it, compared with
-  its own uninterrupted run (a ZeRO-3 run does not follow the ZeRO-2 run's weights: 0.024
-  apart after 4 steps, cause not yet found);
+  its own uninterrupted run (a ZeRO-3 run starts from other adapter and bridge weights than a
+  ZeRO-2 run of the same seed, measured; most likely the backbone built under zero.Init draws
+  from the RNG differently before the CKF parts are initialised);
 - a 2-node cluster that loses a node mid-run (``train.min_workers``), equal to ``base``.
 """
 

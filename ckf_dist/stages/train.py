@@ -218,8 +218,8 @@ def _keep_global_batch(cfg: CKFConfig, saved, ref) -> CKFConfig:
 
 
 # Config fields a resumed run may change: its length, saving, logging, cluster and evaluation settings.
-RESUME_FREE = ("run_name", "train.min_workers", "train.worker_resources", "train.max_steps", "train.save_every", "train.num_to_keep", "train.log_every",
-               "train.log_dir", "train.address", "train.forward_env", "train.max_failures", "train.storage",
+RESUME_FREE = ("run_name", "train.min_workers", "train.worker_resources", "train.max_steps", "train.save_every",
+               "train.num_to_keep", "train.log_every", "train.log_dir", "train.address", "train.forward_env", "train.max_failures", "train.storage",
                "train.group_norms", "data.output", "data.engine", "data.ray_workers", "data.ray_address",
                "model.cache_dir", "model.backbone_id", "eval.", "study.")
 

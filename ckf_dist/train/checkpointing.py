@@ -125,21 +125,24 @@ def gathered_optimizer_state(engine) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def _relink_moments(engine) -> None:
-    """Point every ZeRO-1/2 parameter fragment at its group's AdamW moments.
+def _relink_moments(engine) -> bool:
+    """Point every ZeRO-1/2 parameter fragment at its group's AdamW moments; False when this
+    DeepSpeed has no way to (or there is nothing to link: ZeRO-3, or a group without moments yet).
 
     DeepSpeed links the fragments once, right after the first group's first optimizer step,
     when the other groups' moments do not exist yet: with two groups (LoRA and bridge) the
-    bridge's fragments never see theirs. Linking again once every group has stepped fixes it.
+    bridge's fragments never see theirs. Linking again once every group has its moments fixes it.
     """
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     inner = _inner_optimizer(engine)
     if link is None or engine.zero_optimization_stage() == 3:
-        return
+        return False
     flats = [t for g in inner.param_groups for t in g["params"]]
-    if flats and all(f in inner.state for f in flats):
-        engine.optimizer._hp_optimizer_states_linked = False
-        link()
+    if not flats or not all(f in inner.state for f in flats):
+        return False
+    engine.optimizer._hp_optimizer_states_linked = False
+    link()
+    return True
 
 
 def _set_zero3_partition(engine, p, value: torch.Tensor, key: str | None) -> None:
@@ -190,25 +193,20 @@ def load_resharded_state(engine, tensors: dict[str, torch.Tensor], meta: dict, g
     for flat in flats:
         inner.state[flat] = {"step": step.to(flat.device).clone(),
                              **{k: torch.zeros_like(flat, dtype=torch.float32) for k in ADAM_KEYS}}
-    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if not zero3 and any(_zero_linked(p) for _, p in named):
-        if link is None:
-            raise ElasticResumeError(f"this DeepSpeed ({deepspeed.__version__}) does not expose "
-                                     f"_lazy_init_hp_params_optimizer_state: resume with the saved train.num_workers")
-        engine.optimizer._hp_optimizer_states_linked = False
-        link()
+    if not zero3 and any(_zero_linked(p) for _, p in named) and not _relink_moments(engine):
+        raise ElasticResumeError(f"this DeepSpeed ({deepspeed.__version__}) does not expose "
+                                 f"_lazy_init_hp_params_optimizer_state: resume with the saved train.num_workers")
     for name, p in named:
         w = tensors[f"fp32/{name}"]
         if zero3:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                 p.data.copy_(w.to(p.dtype))
-        else:
-            p.data.copy_(w.to(p.dtype))
-        if zero3:
             _set_zero3_partition(engine, p, w, None)
             for key in ADAM_KEYS:
                 _set_zero3_partition(engine, p, tensors[f"{key}/{name}"], key)
-        elif _zero_linked(p):
+            continue
+        p.data.copy_(w.to(p.dtype))
+        if _zero_linked(p):
             safe_set_full_fp32_param(p, w.to(engine.device))
             for key in ADAM_KEYS:
                 safe_set_full_optimizer_state(p, tensors[f"{key}/{name}"].to(engine.device), key)

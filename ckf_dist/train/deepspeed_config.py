@@ -31,7 +31,7 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, dtype: str, n_trai
     """
     zero: dict = {"stage": cfg.zero_stage}
     if n_trainable and cfg.zero_stage in (1, 2):
-        bucket = int(min(DEEPSPEED_BUCKET, max(n_trainable, 1)))
+        bucket = int(min(DEEPSPEED_BUCKET, n_trainable))
         zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
     if cfg.zero_stage >= 2:
         zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)

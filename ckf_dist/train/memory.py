@@ -11,7 +11,7 @@ counts and the run's shapes, per GPU, in bytes:
   per trainable parameter; ZeRO-1 partitions the masters and moments over the GPUs, ZeRO-2 the
   gradients too, ZeRO-3 also the trainable weights;
 - **buffers**: ZeRO-2's gradient bucket (``reduce_bucket_size`` elements, sized to the trainable
-  set by :func:`ckf_dist.train.deepspeed_config.size_buckets`), ZeRO-3's gathered layer and the
+  set by :func:`ckf_dist.train.deepspeed_config.build_deepspeed_config`), ZeRO-3's gathered layer and the
   prefetch bucket (``stage3_prefetch_bucket_size``, 5e7 elements);
 - **activations**, per stream (text and CF; both are alive at the backward) for a micro-batch of
   ``B`` rows of ``L`` tokens: what autograd keeps per decoder layer and token, counted tensor by
@@ -118,6 +118,7 @@ def count_model(cfg, n_users: int, n_items: int) -> ModelCounts:
 
     from ckf_dist.model import build_ckf_model
     from ckf_dist.model.backbone import family_row
+    from ckf_dist.model.multi_lora import MultiLoraLinear
 
     config = backbone_config(cfg.model)
     family_row(getattr(config, "model_type", None), f"model.backbone {cfg.model.backbone!r}")
@@ -140,7 +141,7 @@ def count_model(cfg, n_users: int, n_items: int) -> ModelCounts:
     inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h
     gated = getattr(config, "model_type", "") in ("llama", "mistral", "qwen2")
     lora_inputs = sum(m.base.in_features if hasattr(m.base, "in_features") else m.base.weight.shape[0]
-                      for m in layers[0].modules() if type(m).__name__ == "MultiLoraLinear") if layers else 0
+                      for m in layers[0].modules() if isinstance(m, MultiLoraLinear)) if layers else 0
     return ModelCounts(trainable=trainable, frozen=frozen, largest_layer=largest, hidden=h, kv=h // heads * kv,
                        intermediate=inter, gated=gated, layers=len(layers), heads=heads,
                        vocab=config.vocab_size, lora_inputs=lora_inputs)

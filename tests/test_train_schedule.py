@@ -11,7 +11,7 @@ from ckf_dist.contract import IGNORE_INDEX, TASKS
 from ckf_dist.model import ModelConfig, build_ckf_model, curriculum_weight, load_backbone
 from ckf_dist.model.testing import synthetic_batch
 from ckf_dist.train.config import TrainConfig
-from ckf_dist.train.worker import group_lr_lambda, lr_lambda, mask_answer_eos, param_groups
+from ckf_dist.train.schedule import group_lr_lambda, lr_lambda, mask_answer_eos, param_groups
 
 
 @pytest.fixture(scope="module")

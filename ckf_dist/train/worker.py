@@ -29,6 +29,7 @@ from ckf_dist.config import CKFConfig, config_to_dict, dump_config
 from ckf_dist.train.checkpointing import barrier, load_worker_checkpoint, save_worker_checkpoint
 from ckf_dist.train.deepspeed_config import build_deepspeed_config
 from ckf_dist.train.metrics_log import MetricsLog
+from ckf_dist.train.schedule import group_lr_lambda, mask_answer_eos, micro_seed, param_groups
 from ckf_dist.storage import open_url
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,49 +40,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def param_groups(model) -> dict[str, list]:
-    """The trainable parameters by optimizer group: ``lora`` (adapters) and ``bridge`` (when present)."""
-    groups: dict[str, list] = {"lora": [], "bridge": []}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups["bridge" if name.startswith("bridge.") else "lora"].append(p)
-    return {g: ps for g, ps in groups.items() if ps}
-
-
-def mask_answer_eos(batch: dict, eos_id: int) -> dict:
-    """The batch with every end-of-sequence label ignored (``train.loss_eos: false``)."""
-    out = dict(batch)
-    for stream in STREAMS:
-        lab = batch[f"{stream}_labels"]
-        out[f"{stream}_labels"] = lab.masked_fill(lab == eos_id, IGNORE_INDEX)
-    return out
-
-
-def group_lr_lambda(group: str, total_steps: int, tcfg):
-    """The LR multiplier of one group: warm-up/decay, times w(t) (lora) or 1 - w(t) (bridge) under
-    ``train.curriculum: lr``."""
-    from ckf_dist.model import curriculum_weight
-
-    base = lr_lambda(total_steps, tcfg.warmup_ratio)
-    if tcfg.curriculum != "lr":
-        return base
-    if group == "lora":
-        return lambda step: base(step) * curriculum_weight(step, total_steps)
-    return lambda step: base(step) * (1.0 - curriculum_weight(step, total_steps))
-
-
-def lr_lambda(total_steps: int, warmup_ratio: float):
-    """Linear warm-up over ``warmup_ratio`` of the steps, then linear decay to zero."""
-    warmup = max(1, int(round(total_steps * warmup_ratio))) if warmup_ratio > 0 else 0
-
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return fn
 
 
 def parse_fault(spec: str) -> dict:
@@ -137,10 +95,12 @@ class Worker:
                                   seed=cfg.seed, shuffle_buffer=tcfg.shuffle_buffer, prefetch=tcfg.prefetch_shards,
                                   rank_batch=tcfg.micro_batch_size * tcfg.grad_accum)
         seed_everything(cfg.seed)
-        self.ds_config = build_deepspeed_config(tcfg, self.world, cfg.model.dtype)
-        # ZeRO-3: the frozen backbone is partitioned as it loads (no rank holds all of it);
-        # otherwise every rank holds a full frozen copy.
-        backbone, tokenizer = load_backbone(cfg.model, zero3_config=self.ds_config if tcfg.zero_stage == 3 else None)
+        # ZeRO-3: the frozen backbone is partitioned as it loads (no rank holds all of it), so its
+        # DeepSpeed config comes first; otherwise every rank holds a full frozen copy, and the
+        # config waits for the trainable count (ZeRO-1/2 size their gradient buckets to it).
+        zero3 = tcfg.zero_stage == 3
+        self.ds_config = build_deepspeed_config(tcfg, self.world, cfg.model.dtype) if zero3 else None
+        backbone, tokenizer = load_backbone(cfg.model, zero3_config=self.ds_config)
         check_tokenizer(self.manifest, tokenizer)
         # recorded in the manifest: the backbone was partitioned before any rank held all of it
         self.partitioned_at_load = any(hasattr(p, "ds_id") for p in backbone.parameters())
@@ -155,7 +115,7 @@ class Worker:
         self.total_steps = self._total_steps()
         self.groups = param_groups(model)
         params = [p for ps in self.groups.values() for p in ps]
-        if tcfg.zero_stage in (1, 2):       # gradient buckets sized to the trainable set
+        if not zero3:
             self.ds_config = build_deepspeed_config(tcfg, self.world, cfg.model.dtype,
                                                     n_trainable=sum(p.numel() for p in params))
         # fused: one kernel per step over the (ZeRO-flattened) fp32 partition instead of ~10
@@ -442,12 +402,6 @@ def local_uploader(cfg: CKFConfig):
         fs.put(str(folder) + "/", dest, recursive=True)
 
     return upload
-
-
-def micro_seed(seed: int, step: int, index: int) -> int:
-    """The torch seed of micro-batch ``index`` of the global batch of ``step`` (rank x grad_accum +
-    micro): dropout is the same whichever rank and world size run it."""
-    return int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0])
 
 
 def dump_json(obj) -> str:

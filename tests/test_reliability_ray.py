@@ -84,40 +84,57 @@ def test_stopped_s3_server_during_a_save_fails_the_run_and_keeps_the_last_commit
         proc.wait(timeout=10)
 
 
-def test_killing_the_driver_stops_its_workers_and_agents(prepared_dataset, tmp_path):
-    """SIGKILL of `ckf train` mid-run: every Ray process it started is gone within seconds (the
-    reaper), and no checkpoint is committed after the kill."""
-    from ckf_dist.reaper import ray_descendants, start_time
-
-    cfg = tiny_config(prepared_dataset.url)
-    cfg.run_name, cfg.model.backbone = "orphans", "tiny-llama"
-    t = cfg.train
-    t.storage, t.num_workers, t.max_steps, t.save_every, t.micro_batch_size = str(tmp_path / "ckpt"), 1, 2000, 5, 2
-    config = tmp_path / "orphans.yaml"
+def _start_train(cfg, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """``ckf train`` of ``cfg`` in the background, its output in ``tmp_path/train.out``; returns
+    once its log shows step 6 (the run is training and has committed a checkpoint)."""
+    config = tmp_path / f"{cfg.run_name}.yaml"
     config.write_text(dump_config(cfg))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CKF_FAULT")}
     out = tmp_path / "train.out"
     train = subprocess.Popen([str(Path(sys.executable).parent / "ckf"), "train", str(config)], env=env,
                              stdout=open(out, "w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while "[ckf] step 6/" not in out.read_text() and train.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if train.poll() is not None or "[ckf] step 6/" not in out.read_text():
+        train.kill()
+        pytest.fail(f"the run did not reach step 6:\n{out.read_text()[-3000:]}")
+    return train, out
+
+
+def _kill_driver_and_wait(train: subprocess.Popen, procs: dict[int, str], run_dir: Path, what: str) -> None:
+    """SIGKILL the driver; every process in ``procs`` (pid -> start time) must be gone within 60 s,
+    and no checkpoint of ``run_dir`` committed after the kill."""
+    from ckf_dist.reaper import start_time
+
+    os.kill(train.pid, signal.SIGKILL)
+    train.wait(timeout=10)
+    committed = sorted(p.parent.name for p in run_dir.glob("step_*/COMMITTED"))
+    deadline = time.monotonic() + 60
+    alive = list(procs)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if start_time(p) == procs[p]]        # the same process, still there
+        time.sleep(0.5)
+    assert not alive, f"{what} still running 60 s after the driver died: {alive}"
+    time.sleep(3)
+    after = sorted(p.parent.name for p in run_dir.glob("step_*/COMMITTED"))
+    assert after == committed                   # nothing committed once the driver is gone
+
+
+def test_killing_the_driver_stops_its_workers_and_agents(prepared_dataset, tmp_path):
+    """SIGKILL of `ckf train` mid-run: every Ray process it started is gone within seconds (the
+    reaper), and no checkpoint is committed after the kill."""
+    from ckf_dist.reaper import ray_descendants
+
+    cfg = tiny_config(prepared_dataset.url)
+    cfg.run_name, cfg.model.backbone = "orphans", "tiny-llama"
+    t = cfg.train
+    t.storage, t.num_workers, t.max_steps, t.save_every, t.micro_batch_size = str(tmp_path / "ckpt"), 1, 2000, 5, 2
+    train, _ = _start_train(cfg, tmp_path)
     try:
-        deadline = time.monotonic() + 300
-        while "[ckf] step 6/" not in out.read_text() and train.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert train.poll() is None and "[ckf] step 6/" in out.read_text(), out.read_text()[-3000:]
         procs = ray_descendants(train.pid)
         assert len(procs) >= 4, procs              # gcs, raylet, agents, the controller and the worker
-        os.kill(train.pid, signal.SIGKILL)
-        train.wait(timeout=10)
-        committed = sorted(p.parent.name for p in (tmp_path / "ckpt" / "orphans").glob("step_*/COMMITTED"))
-        deadline = time.monotonic() + 60
-        alive = list(procs)
-        while alive and time.monotonic() < deadline:
-            alive = [p for p in alive if start_time(p) == procs[p]]        # the same process, still there
-            time.sleep(0.5)
-        assert not alive, f"still running 60 s after the driver died: {alive}"
-        time.sleep(3)
-        after = sorted(p.parent.name for p in (tmp_path / "ckpt" / "orphans").glob("step_*/COMMITTED"))
-        assert after == committed                   # nothing committed once the driver is gone
+        _kill_driver_and_wait(train, procs, tmp_path / "ckpt" / "orphans", "Ray processes")
     finally:
         if train.poll() is None:
             train.kill()
@@ -148,8 +165,6 @@ def test_killing_the_driver_of_a_remote_cluster_run_stops_its_workers(prepared_d
     within a minute; the cluster itself stays up and nothing is committed after the kill."""
     from ray.cluster_utils import Cluster
 
-    from ckf_dist.reaper import start_time
-
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
     try:
         cfg = tiny_config(prepared_dataset.url)
@@ -157,31 +172,11 @@ def test_killing_the_driver_of_a_remote_cluster_run_stops_its_workers(prepared_d
         t = cfg.train
         t.storage, t.num_workers, t.max_steps, t.save_every = str(tmp_path / "ckpt"), 2, 2000, 5
         t.micro_batch_size, t.address = 2, cluster.address
-        config = tmp_path / "remote.yaml"
-        config.write_text(dump_config(cfg))
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CKF_FAULT")}
-        out = tmp_path / "train.out"
-        train = subprocess.Popen([str(Path(sys.executable).parent / "ckf"), "train", str(config)], env=env,
-                                 stdout=open(out, "w"), stderr=subprocess.STDOUT)
+        train, _ = _start_train(cfg, tmp_path)
         try:
-            deadline = time.monotonic() + 300
-            while "[ckf] step 6/" not in out.read_text() and train.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.5)
-            assert train.poll() is None and "[ckf] step 6/" in out.read_text(), out.read_text()[-3000:]
             workers = _train_workers()
             assert len(workers) == 2, workers
-            os.kill(train.pid, signal.SIGKILL)
-            train.wait(timeout=10)
-            committed = sorted(p.parent.name for p in (tmp_path / "ckpt" / "remote-orphans").glob("step_*/COMMITTED"))
-            deadline = time.monotonic() + 60
-            alive = list(workers)
-            while alive and time.monotonic() < deadline:
-                alive = [p for p in alive if start_time(p) == workers[p]]
-                time.sleep(0.5)
-            assert not alive, f"training workers still running 60 s after the driver died: {alive}"
-            time.sleep(3)
-            after = sorted(p.parent.name for p in (tmp_path / "ckpt" / "remote-orphans").glob("step_*/COMMITTED"))
-            assert after == committed
+            _kill_driver_and_wait(train, workers, tmp_path / "ckpt" / "remote-orphans", "training workers")
             assert cluster.head_node.remaining_processes_alive()      # the user's cluster is left running
         finally:
             if train.poll() is None:

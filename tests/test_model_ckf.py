@@ -217,3 +217,26 @@ def test_build_preconditions():
     bb2, _ = load_backbone(cfg2)
     with pytest.raises(ValueError, match="nonexistent_proj"):
         build_ckf_model(cfg2, bb2, torch.randn(3, D), torch.randn(4, D))
+
+
+def test_seeded_build_starts_alike_whatever_the_rng_went_through():
+    """``seed``: LoRA and bridge start from it alone (a rank that converted the backbone, or a
+    ZeRO-3 load, draws from the global RNG first), and the global RNG is left as it was."""
+    cfg = ModelConfig(backbone="tiny-llama")
+    cf_user, cf_item = torch.randn(N_USERS, D), torch.randn(N_ITEMS, D)
+
+    def build(history: int, seed):
+        bb, _ = load_backbone(cfg)
+        torch.manual_seed(0)
+        torch.rand(history)                                 # what the load drew before the build
+        before = torch.get_rng_state()
+        model = build_ckf_model(cfg, bb, cf_user, cf_item, seed=seed)
+        assert seed is None or torch.equal(torch.get_rng_state(), before)
+        return model.trainable_state_dict()
+
+    a, b = build(0, seed=7), build(1000, seed=7)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c, d = build(0, seed=None), build(1000, seed=None)     # unseeded: the history decides
+    assert any(not torch.equal(c[k], d[k]) for k in c if "bridge" in k)
+    e = build(0, seed=8)
+    assert any(not torch.equal(a[k], e[k]) for k in a if "bridge" in k)

@@ -7,14 +7,16 @@ one module-scoped set of runs feeds several tests:
 - ``base``: 2 workers, ZeRO-2, 4 steps, uninterrupted, checkpoints to S3;
 - ``killed``: the same (on local storage), but rank 1 is SIGKILLed after step 3 and
   ``max_failures=1`` lets Ray restart the group, which resumes from the step-2 checkpoint;
-- ``elastic``: ``base`` again, but as a chain of runs on 2, then 1, then 2 workers (each
-  stopped by a fault right after its checkpoint, the next resuming it with another
-  ``train.num_workers``), which must equal ``base`` sample for sample and in its weights;
-- ``zero3``: 2 workers, ZeRO-3, 3 steps, and the same 2 -> 1 -> 2 chain of it, compared with
-  its own uninterrupted run (a ZeRO-3 run starts from other adapter and bridge weights than a
-  ZeRO-2 run of the same seed, measured; most likely the backbone built under zero.Init draws
-  from the RNG differently before the CKF parts are initialised);
-- a 2-node cluster that loses a node mid-run (``train.min_workers``), equal to ``base``.
+- ``elastic``: ``base`` again, but as a chain of two runs: 2 workers, stopped by a fault right
+  after the step-1 checkpoint, then 1 worker with grad_accum 2 (the same global batch)
+  resuming it, which must equal ``base`` sample for sample and in its weights (a chain that
+  starts on 1 worker differs from ``base`` in its first Adam step, which is close to lr *
+  sign(g): a gradient element near 0 summed in another order moved one LoRA weight by
+  1.2e-5, measured);
+- ``zero3``: 2 workers, ZeRO-3, 3 steps, and the same run as a chain of 2, then 1, then 2
+  workers, compared with its own uninterrupted run;
+- a 2-node cluster that loses a node mid-run (``train.min_workers``), equal to ``base``: the
+  2 -> 1 direction under ZeRO-2.
 """
 
 from __future__ import annotations
@@ -74,14 +76,15 @@ def run(cfg, tmp: Path, fails: bool = False, **env) -> tuple[dict, Path]:
     return {"step": ref.step, "checkpoint": ref.url, "stdout": proc.stdout}, log
 
 
-def elastic_chain(cfg, tmp: Path, workers: list[int]) -> tuple[list[dict], Path]:
-    """``cfg``'s run as a chain of ``ckf train`` runs on ``workers[i]`` workers, each after the first
-    resuming the last one's checkpoint; all but the last stopped by a fault after step i + 1."""
+def elastic_chain(cfg, tmp: Path, segments: list[dict]) -> tuple[list[dict], Path]:
+    """``cfg``'s run as a chain of ``ckf train`` runs, segment i with ``segments[i]``'s train
+    fields (``num_workers``, say), each after the first resuming the last one's checkpoint; all
+    but the last stopped by a fault after step i + 1."""
     out = []
-    for i, n in enumerate(workers):
-        last = i == len(workers) - 1
+    for i, fields in enumerate(segments):
+        last = i == len(segments) - 1
         seg = config_from_dict(dict(json.loads(json.dumps(_as_dict(cfg))),
-                                    train={**_as_dict(cfg)["train"], "num_workers": n, "save_every": 1}), "<chain>")
+                                    train={**_as_dict(cfg)["train"], **fields, "save_every": 1}), "<chain>")
         result, log = run(seg, tmp, fails=not last, **({} if last else {"CKF_FAULT": f"raise@{i + 1}"}))
         assert result["step"] == (cfg.train.max_steps if last else i + 1), result
         out.append(result)
@@ -149,7 +152,7 @@ def runs(s3_server, prepared_dataset, tmp_path_factory):
                         tmp, CKF_FAULT=f"kill@3:rank=1:once={once}")
     out["killed_once"] = once
     out["elastic"] = elastic_chain(train_cfg(prepared_dataset.url, str(tmp / "elastic-ckpt"), "elastic"),
-                                   tmp, [2, 1, 2])
+                                   tmp, [{"num_workers": 2}, {"num_workers": 1}])
     return out
 
 
@@ -193,26 +196,28 @@ def test_sigkill_mid_run_restarts_and_equals_uninterrupted(runs):
     assert any(not torch.equal(a[k], init[k]) for k in a), "steps 3-4 changed nothing"
 
 
-def assert_chain_equals(chain, chain_log: Path, ref_result: dict, ref_log: Path, steps: int) -> None:
-    """The chain saw the uninterrupted run's global batches, none twice, and ends at its weights."""
-    results = chain
-    assert "resharded for 1" in results[1]["stdout"] and "resharded for 2" in results[2]["stdout"]
-    assert "grad_accum 1 -> 2 keeps the global batch" in results[1]["stdout"]
+def assert_chain_equals(chain, chain_log: Path, ref_result: dict, ref_log: Path, workers: list[int],
+                        steps: int) -> None:
+    """The chain (on ``workers[i]`` workers in segment i) saw the uninterrupted run's global
+    batches, none twice, and ends at its weights."""
+    for before, now, result in zip(workers, workers[1:], chain[1:]):
+        assert (f"resharded for {now}" in result["stdout"]) == (now != before), result["stdout"][-2000:]
     want, got = global_batches(ref_log), global_batches(chain_log)
     assert sorted(got) == list(range(steps)) and got == want
     seen = [i for ids in got.values() for i in ids]
     assert len(seen) == len(set(seen))
     a = export_of(store.resolve_checkpoint(ref_result["checkpoint"]))
-    b = export_of(store.resolve_checkpoint(results[-1]["checkpoint"]))
+    b = export_of(store.resolve_checkpoint(chain[-1]["checkpoint"]))
     assert_close_states(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_resume_on_another_number_of_workers_equals_the_uninterrupted_run(runs):
-    """2 workers -> 1 worker (grad_accum 2) -> 2 workers, ZeRO-2: the uninterrupted 2-worker run's
+    """2 workers, then 1 worker with grad_accum 2, ZeRO-2: the uninterrupted 2-worker run's
     samples per global batch, in order, and its trainable weights."""
     base, base_log = runs["base"]
     chain, chain_log = runs["elastic"]
-    assert_chain_equals(chain, chain_log, base, base_log, steps=4)
+    assert "grad_accum 1 -> 2 keeps the global batch" in chain[1]["stdout"]
+    assert_chain_equals(chain, chain_log, base, base_log, workers=[2, 1], steps=4)
     # the 1-worker segment ran each global batch as two micro-batches of one rank
     recs = [r for r in sample_records(chain_log) if r["step"] == 1]
     assert {(r["micro"], r["rank"]) for r in recs} == {(0, 0), (1, 0)}
@@ -233,6 +238,11 @@ def test_rerun_resumes_from_latest_commit_and_ignores_uncommitted(runs):
 
 
 def test_zero3_two_workers_export_is_full_shaped_and_resumes_on_other_workers(s3_server, prepared_dataset, tmp_path):
+    """ZeRO-3 on 2 workers exports full shapes; the same run as 2 -> 1 -> 2 workers (partitions
+    re-made from the gathered state each time) ends at its weights. It is compared with its own
+    ZeRO-3 run, not with ``base``: even with the CKF parts seeded alike, a ZeRO-3 and a ZeRO-2
+    run of one config ended 0.024 apart in a LoRA B weight after 4 steps (measured; the cause
+    is not yet traced)."""
     from ckf_dist.data import load_cf_tables
     from ckf_dist.model import build_ckf_model, load_backbone
 
@@ -254,10 +264,10 @@ def test_zero3_two_workers_export_is_full_shaped_and_resumes_on_other_workers(s3
     lora_b = [k for k in want if "lora_shared_B" in k or "lora_task_B" in k]
     assert lora_b and any(exported[k].abs().sum() > 0 for k in lora_b), "LoRA B still zero after 3 steps"
     assert os.path.basename(ref.url) == "step_00000003"
-    # the same run as 2 -> 1 -> 2 workers: ZeRO-3 partitions re-made from the gathered state
     chain_cfg = train_cfg(prepared_dataset.url, str(tmp_path / "z3-chain"), "z3-chain", zero_stage=3, max_steps=3)
-    chain, chain_log = elastic_chain(chain_cfg, tmp_path, [2, 1, 2])
-    assert_chain_equals(chain, chain_log, result, log, steps=3)
+    chain, chain_log = elastic_chain(chain_cfg, tmp_path, [{"num_workers": 2}, {"num_workers": 1}, {"num_workers": 2}])
+    assert "grad_accum 1 -> 2 keeps the global batch" in chain[1]["stdout"]
+    assert_chain_equals(chain, chain_log, result, log, workers=[2, 1, 2], steps=3)
 
 
 def test_elastic_run_goes_on_with_the_workers_left_after_losing_a_node(runs, prepared_dataset, tmp_path):

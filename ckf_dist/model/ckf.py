@@ -237,8 +237,15 @@ def embedding_norm(weight: torch.Tensor) -> float:
 
 
 def build_ckf_model(cfg: ModelConfig, backbone: nn.Module, cf_user: torch.Tensor, cf_item: torch.Tensor,
-                    n_tasks: int = 4) -> CKFModel:
-    """The one ordered place: freeze backbone -> inject Multi-LoRA -> attach bridge -> checkpointing."""
+                    n_tasks: int = 4, seed: int | None = None) -> CKFModel:
+    """The one ordered place: freeze backbone -> inject Multi-LoRA -> attach bridge -> checkpointing.
+
+    ``seed``: the new parts (LoRA A, the bridge's maps) are drawn from an RNG seeded with it
+    alone, and the global RNG is left as it was. Without it they draw from the global RNG,
+    whose state depends on how the backbone was loaded: a one-time model conversion on this
+    rank, or ZeRO-3's partitioned load, draws from it first. Training passes ``seed`` so one
+    config and seed start from the same weights on any rank, ZeRO stage and cache state.
+    """
     family = family_of(backbone)                                   # preconditions
     cfg.lora.validate()
     cfg.bridge.validate()
@@ -249,12 +256,16 @@ def build_ckf_model(cfg: ModelConfig, backbone: nn.Module, cf_user: torch.Tensor
     embedding = backbone.get_input_embeddings().weight
 
     backbone.requires_grad_(False)                                 # 1. freeze
-    routing = LoraRouting()                                        # 2. inject Multi-LoRA
-    inject_multi_lora(backbone, family, cfg.lora, n_tasks, routing)
-    bridge = None                                                  # 3. attach the bridge
-    if cfg.bridge.use_cf_slots:
-        bridge = Bridge(cf_user, cf_item, backbone.config.hidden_size, cfg.bridge, embedding_norm(embedding))
-        bridge.to(device=embedding.device, dtype=embedding.dtype)
+    devices = [embedding.device] if embedding.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        routing = LoraRouting()                                    # 2. inject Multi-LoRA
+        inject_multi_lora(backbone, family, cfg.lora, n_tasks, routing)
+        bridge = None                                              # 3. attach the bridge
+        if cfg.bridge.use_cf_slots:
+            bridge = Bridge(cf_user, cf_item, backbone.config.hidden_size, cfg.bridge, embedding_norm(embedding))
+            bridge.to(device=embedding.device, dtype=embedding.dtype)
     if cfg.gradient_checkpointing:                                 # 4. activation checkpointing
         _enable_checkpointing(backbone, routing)
     backbone.config.use_cache = False

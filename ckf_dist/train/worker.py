@@ -108,7 +108,7 @@ class Worker:
         self.eos_id = int(self.manifest["tokenizer"]["eos_id"])
         cf = load_cf_tables(cfg.data.output, manifest=self.manifest)
         model = build_ckf_model(cfg.model, backbone, torch.from_numpy(cf["user"]), torch.from_numpy(cf["item"]),
-                                n_tasks=N_TASKS)
+                                n_tasks=N_TASKS, seed=cfg.seed)
         # from_pretrained hands the backbone over in eval mode, where transformers skips gradient
         # checkpointing (and any dropout): training runs the whole model in train mode
         model.train()

@@ -122,3 +122,37 @@ def test_converted_config_is_read_alike_by_transformers_4_and_5(tmp_path):
     assert smollm2_folder(str(tmp_path / "cache")) == cached
     assert json.loads((cached / "config.json").read_text())["rope_theta"] == 100000.0
     assert (cached / "model.safetensors").read_bytes() == b"not touched"
+
+
+def test_tiny_backbone_partitioned_under_zero3_has_the_plain_load_weights(monkeypatch):
+    """A ZeRO-3 run and a ZeRO-2 run of one config train the same frozen backbone: the tiny random
+    backbone built under zero.Init gets the plain load's seeded weights (zero.Init's own init draws
+    other numbers; embeddings were 0.16 apart before)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from ckf_dist.config import config_from_dict
+    from ckf_dist.train.deepspeed_config import build_deepspeed_config
+
+    from conftest import free_port
+
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(k, v)
+    owns_group = not dist.is_initialized()
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        cfg = config_from_dict({"model": {"backbone": "tiny-llama", "dtype": "float32"},
+                                "train": {"zero_stage": 3, "num_workers": 1}}, "<test>")
+        plain, _ = load_backbone(cfg.model)
+        partitioned, _ = load_backbone(cfg.model, zero3_config=build_deepspeed_config(cfg.train, 1, "float32"))
+        assert all(hasattr(p, "ds_id") for p in partitioned.parameters())
+        want = plain.state_dict()
+        with deepspeed.zero.GatheredParameters(list(partitioned.parameters())):
+            got = {k: v.detach().clone() for k, v in partitioned.state_dict().items()}
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()

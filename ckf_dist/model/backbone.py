@@ -312,12 +312,18 @@ def _load_partitioned(cfg: ModelConfig, dtype: torch.dtype, zero3_config: dict):
 
     if zero3_config.get("zero_optimization", {}).get("stage") != 3:
         raise ValueError("load_backbone: zero3_config must be a DeepSpeed config with zero_optimization.stage = 3")
-    hf_ds = HfDeepSpeedConfig(zero3_config)      # transformers partitions while this object lives
     name = cfg.backbone
-    if name in TINY_NAMES:
-        family = TINY_NAMES[name]
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(FAMILIES[family].tiny_config(), dtype=dtype)
+    # a random init under zero.Init draws other numbers than the plain one, so a ZeRO-3 run would
+    # train another backbone than a ZeRO-2 run of the same config: the partitioned tiny model takes
+    # the plain load's seeded weights, built before partitioning starts (tiny: every rank builds it)
+    reference = tiny_backbone(TINY_NAMES[name]).to(dtype) if name in TINY_NAMES else None
+    hf_ds = HfDeepSpeedConfig(zero3_config)      # transformers partitions while this object lives
+    if reference is not None:
+        import deepspeed
+
+        model = AutoModelForCausalLM.from_config(reference.config, dtype=dtype)
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+            model.load_state_dict(reference.state_dict())
         tokenizer = resources.load_tokenizer("smollm2", cfg.cache_dir)
     else:
         folder = smollm2_folder(cfg.cache_dir) if name == "smollm2" else backbone_folder(name)

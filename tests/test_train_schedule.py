@@ -95,3 +95,20 @@ def test_eos_can_be_left_out_of_the_loss():
         changed = (batch[f"{s}_labels"] != out[f"{s}_labels"])
         assert changed.sum() >= 1 and (batch[f"{s}_labels"][changed] == eos).all()
     assert torch.equal(out["text_input_ids"], batch["text_input_ids"])
+
+
+def test_step_line_shows_the_cf_stream_only_where_there_is_one(tmp_path, capsys):
+    """A text-only run (no bridge) prints its text loss without a `cf nan`; a CKF run prints both."""
+    from types import SimpleNamespace
+
+    from ckf_dist.train.metrics_log import MetricsLog
+
+    cfg = SimpleNamespace(run_name="r", train=SimpleNamespace(log_every=1, log_dir=str(tmp_path)))
+    log = MetricsLog(cfg, rank=0)
+    extra = {"lr": 1e-4, "samples_per_s": 2.0, "tokens_per_s": 100.0}
+    log.step(1, 2, {"w": 1.0, "loss_text": 0.5, "loss": 0.5}, **extra)
+    log.step(2, 2, {"w": 0.5, "loss_text": 0.5, "loss_cf": 0.25, "loss": 0.375}, **extra)
+    log.close()
+    text_only, ckf = capsys.readouterr().out.strip().splitlines()
+    assert "text" not in text_only and "nan" not in text_only and "loss 0.5000" in text_only
+    assert "text 0.500 cf 0.250 w 0.50" in ckf

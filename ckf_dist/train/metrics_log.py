@@ -46,8 +46,8 @@ class MetricsLog:
             elapsed = time.perf_counter() - self.t_start
             eta = elapsed / max(1, len(self.rows)) * (total - step)
             parts = [f"step {step}/{total}", f"loss {row.get('loss', float('nan')):.4f}"]
-            if "loss_text" in row:
-                parts.append(f"text {row['loss_text']:.3f} cf {row.get('loss_cf', float('nan')):.3f} w {row.get('w', 0):.2f}")
+            if "loss_cf" in row:        # a text-only run (no bridge) has no CF stream to show
+                parts.append(f"text {row['loss_text']:.3f} cf {row['loss_cf']:.3f} w {row.get('w', 0):.2f}")
             parts += [f"lr {row['lr']:.2e}", f"{row['samples_per_s']:.1f} samples/s",
                       f"{row['tokens_per_s']:.0f} tok/s", f"eta {eta:.0f}s"]
             print("[ckf] " + " | ".join(parts), flush=True)

@@ -187,6 +187,22 @@ def test_run_evaluate_end_to_end(prepared_dataset, tmp_path):
         got = report["results"]["ctr"][variant]["all"]["auc"]["value"]
         assert math.isnan(got) if math.isnan(want) else got == pytest.approx(want)
 
+    # the per-row files recompute the table's cells: same rows, every method's output, the groups
+    import pyarrow.parquet as pq
+
+    for task, task_rows in rows.items():
+        table = pq.read_table(tmp_path / "eval" / f"rows_{task}.parquet").to_pydict()
+        assert sorted(table["sample_id"]) == sorted(int(r["sample_id"]) for r in task_rows)
+        assert {f"group:{g}" for g in ("all", "warm", "user-cold", "item-cold", "unseen")} <= set(table)
+    ctr_rows = pq.read_table(tmp_path / "eval" / "rows_ctr.parquet").to_pydict()
+    for method in saved["results"]["ctr"]:
+        want = auc(ctr_rows["label"], ctr_rows[f"score:{method}"])
+        got = saved["results"]["ctr"][method]["all"]["auc"]["value"]
+        assert (got is None or math.isnan(got)) if math.isnan(want) else got == pytest.approx(want), method
+    seq_rows = pq.read_table(tmp_path / "eval" / "rows_sequential.parquet").to_pydict()
+    hits = [(g == 0) / (1 + e) for g, e in zip(seq_rows["greater:ckf"], seq_rows["ties:ckf"])]
+    assert saved["results"]["sequential"]["ckf"]["all"]["hr@1"]["value"] == pytest.approx(sum(hits) / len(hits))
+
     # lm-prior: the plain backbone (no CKF, no adapters) ranking the same candidates after the text prompt
     from ckf_dist.metrics import expected_ranking, rank_counts_lists
     from ckf_dist.model import ModelConfig, load_backbone

@@ -217,3 +217,24 @@ def evaluate_task(tr: TaskRows, outputs: dict[str, dict], masks: dict[str, np.nd
                 diffs.setdefault(group, {})[f"{reference} - {m}"] = {
                     k: B.paired(per[reference][0][k], per[m][0][k], reps[reference][k], reps[m][k]) for k in shared}
     return results, diffs
+
+
+# --------------------------------------------------------------------------- per-row output
+ROW_COLUMNS = {"score": "score", "pred": "pred", "greedy": "greedy", "greater": "greater", "ties": "ties",
+               "hyp": "hyp"}
+
+
+def rows_table(tr: TaskRows, outputs: dict[str, dict], masks: dict[str, np.ndarray]):
+    """One task's test rows as an Arrow table: ids, label, a flag per user group, and every method's
+    per-row output as ``<output>:<method>`` (ctr ``score``, rating ``pred``/``greedy``, sequential
+    ``greater``/``ties`` = candidates scored above / equal to the true item, review ``hyp``), so a
+    user can recompute any cell or run another paired analysis on exactly the table's rows."""
+    import pyarrow as pa
+
+    cols = {"sample_id": tr.sample_ids, "user": tr.users, "item": tr.items, "label": tr.labels}
+    cols.update({f"group:{g}": np.asarray(m, dtype=bool) for g, m in masks.items()})
+    for method, out in outputs.items():
+        for key, values in out.items():
+            if key in ROW_COLUMNS:
+                cols[f"{ROW_COLUMNS[key]}:{method}"] = values if key == "hyp" else np.asarray(values)
+    return pa.table(cols)

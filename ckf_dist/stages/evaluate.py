@@ -18,7 +18,8 @@ Columns, all on the same rows of a task (docs/evaluation.md):
   rating regressor), fitted on the dataset's training side.
 
 The dataset must be the one the run was trained on (its recorded fingerprint). Outputs: the
-printed table, ``eval.json``, ``eval.txt`` and ``eval.png`` in the output folder.
+printed table, ``eval.json``, ``eval.txt`` and ``eval.png`` in the output folder, and per task
+``rows_<task>.parquet``: every method's output on every row, with the row's groups.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ import torch
 
 from ckf_dist.contract import TASKS
 from ckf_dist.eval.report import format_retrieval, format_table, json_safe
-from ckf_dist.eval.scoring import TaskRows, baseline_outputs, evaluate_task, group_masks, llm_outputs, score_rows
+from ckf_dist.eval.scoring import (TaskRows, baseline_outputs, evaluate_task, group_masks, llm_outputs, rows_table,
+                                  score_rows)
 from ckf_dist.progress import bar
 
 REFERENCE = "ckf"
@@ -196,6 +198,10 @@ def run_evaluate(cfg, run: str, out_dir: str | Path | None = None, progress: boo
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n")
     (out / "eval.txt").write_text(table + "\n" + (retrieval + "\n" if retrieval else ""))
+    import pyarrow.parquet as pq
+
+    for task, tr in trows.items():       # every method's output per row: the table's cells, recomputable
+        pq.write_table(rows_table(tr, outputs[task], masks[task]), out / f"rows_{task}.parquet")
     from ckf_dist.eval.plots import draw_report
 
     png = draw_report(report, folder / "metrics.jsonl", out / "eval.png")

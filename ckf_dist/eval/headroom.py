@@ -1,0 +1,142 @@
+"""Headroom: could other per-row features raise a CTR scorer's AUC on the same rows?
+
+CKF fuses CF knowledge into an LLM. If it does not beat its text-only variant, two causes are
+possible: the bridge fails to deliver information the CF side has, or the CF side has no
+information that the text model lacks. This module tells them apart on an evaluation's own
+rows (``rows_ctr.parquet``, written by ``ckf evaluate``):
+
+1. every feature (the base method's score, and e.g. the CF model's ``u . v`` and item
+   popularity) becomes its percentile rank over the rows (monotone, so no feature's AUC
+   changes, and no label is used);
+2. a logistic regression on the ranks is fitted on K-1 folds of users and scores the held-out
+   fold (cross-fitting: no row is scored by a model that saw its label);
+3. the stack's AUC and the base method's AUC on the same rows, with the paired user-level
+   bootstrap interval of the gain (:mod:`ckf_dist.eval.bootstrap`; the fits are not redone per
+   replicate, so the interval covers the rows' sampling, not the fitting).
+
+A gain whose interval lies above 0 says the features hold information the base score lacks (a
+fusion could use it); a gain near 0 with a tight interval says they add nothing a linear
+combination can find.
+
+    python -m ckf_dist.eval.headroom runs/study/ctr-cpu --base text-only --add mf popularity
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ckf_dist.eval.bootstrap import Resampler, auc_stat, paired, replicate, summarize
+from ckf_dist.metrics import auc
+
+
+def percentile_ranks(x: np.ndarray) -> np.ndarray:
+    """Each value's mean rank among ``x`` scaled to [0, 1] (ties share their mean rank)."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    _, inverse = np.unique(x, return_inverse=True)
+    ranks = np.bincount(inverse, weights=ranks)[inverse] / np.bincount(inverse)[inverse]
+    return ranks / max(1, len(x) - 1)
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 50) -> np.ndarray:
+    """Weights (intercept first) of an L2-regularised logistic regression, by Newton's method."""
+    a = np.hstack([np.ones((len(x), 1)), x])
+    w = np.zeros(a.shape[1])
+    reg = l2 * len(x) * np.diag([0.0] + [1.0] * x.shape[1])
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(a @ w)))
+        grad = a.T @ (p - y) + reg @ w
+        hess = (a * (p * (1 - p))[:, None]).T @ a + reg + 1e-9 * np.eye(len(w))
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return w
+
+
+def stacked_scores(features: np.ndarray, labels: np.ndarray, users: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Out-of-fold logistic scores of ``features [n, f]`` with folds drawn over users."""
+    uniq, row_user = np.unique(users, return_inverse=True)
+    fold_of_user = np.random.default_rng(seed).permutation(len(uniq)) % folds
+    fold = fold_of_user[row_user]
+    a = np.hstack([np.ones((len(labels), 1)), features])
+    out = np.empty(len(labels))
+    for k in range(folds):
+        test = fold == k
+        w = fit_logistic(features[~test], labels[~test])
+        out[test] = a[test] @ w
+    return out
+
+
+def headroom(rows: dict, base: str, extras: list[str], folds: int = 5, seed: int = 42, n_boot: int = 1000) -> dict:
+    """The base method's AUC, the cross-fitted stack's AUC with ``extras``, and the paired gain."""
+    labels = np.asarray(rows["label"], dtype=np.float64)
+    users = np.asarray(rows["user"], dtype=np.int64)
+    missing = [m for m in [base, *extras] if f"score:{m}" not in rows]
+    if missing:
+        have = sorted(c.split(":", 1)[1] for c in rows if c.startswith("score:"))
+        raise KeyError(f"no ctr scores for {missing}; the rows have {have}")
+    if len(np.unique(labels)) < 2:
+        raise ValueError("headroom: the rows have a single label; AUC is undefined")
+    base_scores = np.asarray(rows[f"score:{base}"], dtype=np.float64)
+    features = np.stack([percentile_ranks(rows[f"score:{m}"]) for m in [base, *extras]], axis=1)
+    stack = stacked_scores(features, labels, users, folds, seed)
+    res = Resampler(users, n_boot, seed, "headroom")
+    reps = replicate(res, {"base": {"auc": auc_stat(labels, base_scores)}, "stack": {"auc": auc_stat(labels, stack)}})
+    point_base, point_stack = auc(labels.tolist(), base_scores.tolist()), auc(labels.tolist(), stack.tolist())
+    weights = fit_logistic(features, labels)
+    return {"n": int(len(labels)), "base": base, "extras": list(extras), "folds": folds,
+            "base_auc": summarize(point_base, reps["base"]["auc"]),
+            "stack_auc": summarize(point_stack, reps["stack"]["auc"]),
+            "gain": paired(point_stack, point_base, reps["stack"]["auc"], reps["base"]["auc"]),
+            "weights": {"intercept": float(weights[0]),
+                        **{m: float(v) for m, v in zip([base, *extras], weights[1:])}}}
+
+
+def format_headroom(h: dict) -> str:
+    """Three lines: the base AUC, the stack's, and the paired gain."""
+    def cell(c):
+        return f"{c['value']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]"
+
+    g = h["gain"]
+    star = " *" if g.get("excludes_zero") else ""
+    return (f"ctr auc on {h['n']} rows, {h['folds']}-fold cross-fitted over users\n"
+            f"  {h['base']:<24} {cell(h['base_auc'])}\n"
+            f"  {h['base'] + ' + ' + ' + '.join(h['extras']):<24} {cell(h['stack_auc'])}\n"
+            f"  gain (paired)            {g['value']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]{star}\n"
+            f"  weights on the ranks     " + ", ".join(f"{k} {v:+.2f}" for k, v in h["weights"].items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ckf_dist.eval.headroom",
+                                     description="Could other features of the same ctr rows raise a method's AUC? "
+                                                 "(cross-fitted logistic stack, paired bootstrap interval)")
+    parser.add_argument("eval_dir", help="an evaluation's output folder (with rows_ctr.parquet)")
+    parser.add_argument("--base", default="ckf", help="the method whose score is the base (default: ckf)")
+    parser.add_argument("--add", nargs="+", default=["mf", "popularity"], help="methods whose scores are added")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args(argv)
+    import pyarrow.parquet as pq
+
+    path = Path(args.eval_dir) / "rows_ctr.parquet"
+    if not path.is_file():
+        print(f"error: {path} not found; run `ckf evaluate` (or `ckf study`) with a ctr task first", file=sys.stderr)
+        return 2
+    try:
+        h = headroom(pq.read_table(path).to_pydict(), args.base, args.add, args.folds, args.seed)
+    except (KeyError, ValueError) as exc:
+        print(f"error: {path}: {exc.args[0]}", file=sys.stderr)
+        return 2
+    print(format_headroom(h))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -100,7 +100,7 @@ def headroom(rows: dict, base: str, extras: list[str], folds: int = 5, seed: int
 
 
 def format_headroom(h: dict) -> str:
-    """Three lines: the base AUC, the stack's, and the paired gain."""
+    """The base AUC, the stack's, the paired gain and the stack's weights, a line each."""
     def cell(c):
         return f"{c['value']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]"
 

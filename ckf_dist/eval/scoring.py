@@ -220,8 +220,7 @@ def evaluate_task(tr: TaskRows, outputs: dict[str, dict], masks: dict[str, np.nd
 
 
 # --------------------------------------------------------------------------- per-row output
-ROW_COLUMNS = {"score": "score", "pred": "pred", "greedy": "greedy", "greater": "greater", "ties": "ties",
-               "hyp": "hyp"}
+ROW_OUTPUTS = ("score", "pred", "greedy", "greater", "ties", "hyp")    # the per-row outputs of llm/baseline_outputs
 
 
 def rows_table(tr: TaskRows, outputs: dict[str, dict], masks: dict[str, np.ndarray]):
@@ -235,6 +234,6 @@ def rows_table(tr: TaskRows, outputs: dict[str, dict], masks: dict[str, np.ndarr
     cols.update({f"group:{g}": np.asarray(m, dtype=bool) for g, m in masks.items()})
     for method, out in outputs.items():
         for key, values in out.items():
-            if key in ROW_COLUMNS:
-                cols[f"{ROW_COLUMNS[key]}:{method}"] = values if key == "hyp" else np.asarray(values)
+            if key in ROW_OUTPUTS:
+                cols[f"{key}:{method}"] = values if key == "hyp" else np.asarray(values)
     return pa.table(cols)

@@ -35,18 +35,19 @@ from ckf_dist.metrics import auc
 
 def percentile_ranks(x: np.ndarray) -> np.ndarray:
     """Each value's mean rank among ``x`` scaled to [0, 1] (ties share their mean rank)."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x), dtype=np.float64)
-    _, inverse = np.unique(x, return_inverse=True)
-    ranks = np.bincount(inverse, weights=ranks)[inverse] / np.bincount(inverse)[inverse]
-    return ranks / max(1, len(x) - 1)
+    _, inverse, counts = np.unique(np.asarray(x, dtype=np.float64), return_inverse=True, return_counts=True)
+    mid = np.cumsum(counts) - counts + (counts - 1) / 2.0     # 0-based mean rank of each distinct value
+    return mid[inverse] / max(1, len(inverse) - 1)
+
+
+def _design(x: np.ndarray) -> np.ndarray:
+    """``x`` with an intercept column in front."""
+    return np.hstack([np.ones((len(x), 1)), x])
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 50) -> np.ndarray:
     """Weights (intercept first) of an L2-regularised logistic regression, by Newton's method."""
-    a = np.hstack([np.ones((len(x), 1)), x])
+    a = _design(x)
     w = np.zeros(a.shape[1])
     reg = l2 * len(x) * np.diag([0.0] + [1.0] * x.shape[1])
     for _ in range(iters):
@@ -65,12 +66,10 @@ def stacked_scores(features: np.ndarray, labels: np.ndarray, users: np.ndarray, 
     uniq, row_user = np.unique(users, return_inverse=True)
     fold_of_user = np.random.default_rng(seed).permutation(len(uniq)) % folds
     fold = fold_of_user[row_user]
-    a = np.hstack([np.ones((len(labels), 1)), features])
     out = np.empty(len(labels))
     for k in range(folds):
         test = fold == k
-        w = fit_logistic(features[~test], labels[~test])
-        out[test] = a[test] @ w
+        out[test] = _design(features[test]) @ fit_logistic(features[~test], labels[~test])
     return out
 
 
@@ -106,11 +105,13 @@ def format_headroom(h: dict) -> str:
 
     g = h["gain"]
     star = " *" if g.get("excludes_zero") else ""
+    stack = " + ".join([h["base"], *h["extras"]])
+    width = max(len(stack), len("weights on the ranks"))
     return (f"ctr auc on {h['n']} rows, {h['folds']}-fold cross-fitted over users\n"
-            f"  {h['base']:<24} {cell(h['base_auc'])}\n"
-            f"  {h['base'] + ' + ' + ' + '.join(h['extras']):<24} {cell(h['stack_auc'])}\n"
-            f"  gain (paired)            {g['value']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]{star}\n"
-            f"  weights on the ranks     " + ", ".join(f"{k} {v:+.2f}" for k, v in h["weights"].items()))
+            f"  {h['base']:<{width}} {cell(h['base_auc'])}\n"
+            f"  {stack:<{width}} {cell(h['stack_auc'])}\n"
+            f"  {'gain (paired)':<{width}} {g['value']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]{star}\n"
+            f"  {'weights on the ranks':<{width}} " + ", ".join(f"{k} {v:+.2f}" for k, v in h["weights"].items()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,7 +62,8 @@ def cmd_train(args) -> int:
 def cmd_consolidate(args) -> int:
     from ckf_dist.stages.consolidate import consolidate
 
-    out = consolidate(args.checkpoint, args.out, progress=not args.quiet, verify=args.verify)
+    out = consolidate(args.checkpoint, args.out, progress=not args.quiet, verify=args.verify,
+                      with_backbone=args.with_backbone)
     print(f"consolidated into {out}")
     return 0
 
@@ -129,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--verify", action="store_true",
                    help="sha256 every file of the checkpoint (ZeRO shards, resume state), not only those read")
+    p.add_argument("--with-backbone", action="store_true",
+                   help="copy the frozen backbone and its tokenizer into OUT/backbone and have the adapters name "
+                        "it there (relative to OUT), so the folder loads on a machine without this run's cache")
     p.set_defaults(func=cmd_consolidate)
 
     p = sub.add_parser("evaluate", help="score the test split of every task; table vs baselines, JSON, PNG")

@@ -19,14 +19,17 @@ import sys
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
-from peft import PeftModel
+from peft import AutoPeftModelForCausalLM, PeftModel
 
 base_dir, adapters, inputs, out_path = sys.argv[1:5]
 batch = load_file(inputs)
 out = {}
 for task in sys.argv[5:]:
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, adapters + "/" + task).eval()
+    if base_dir == "-":      # the base the adapter names (base_model_name_or_path), resolved by peft
+        model = AutoPeftModelForCausalLM.from_pretrained(adapters + "/" + task, dtype=torch.float32).eval()
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, adapters + "/" + task).eval()
     with torch.no_grad():
         out[task] = model(input_ids=batch[task + "/ids"], attention_mask=batch[task + "/mask"]).logits.contiguous()
 save_file(out, out_path)
@@ -44,6 +47,27 @@ def _text_batches(dataset, per_task: int = 2) -> dict:
         if len(rows.setdefault(row["task"], [])) < per_task:
             rows[row["task"]].append(row)
     return {t: collate(r, dataset.manifest["tokenizer"]["pad_id"]) for t, r in rows.items()}
+
+
+def _peft_reproduces_logits(model, batches: dict, tmp_path, base: str, adapters: str, **run) -> dict:
+    """Plain peft in a child process that never imports ckf_dist (CHILD: ``base`` a folder, or "-"
+    for the base the adapters name) gives the CKF text-stream logits of every task's batch."""
+    tensors, expected = {}, {}
+    with torch.no_grad():
+        for task, b in batches.items():
+            tensors[f"{task}/ids"], tensors[f"{task}/mask"] = b["text_input_ids"], b["text_attention_mask"]
+            expected[task] = model(b["text_input_ids"], b["text_attention_mask"], b["task_ids"])
+    save_file(tensors, str(tmp_path / "inputs.safetensors"))
+    (tmp_path / "child.py").write_text(CHILD)
+    proc = subprocess.run([sys.executable, str(tmp_path / "child.py"), base, adapters, str(tmp_path / "inputs.safetensors"),
+                           str(tmp_path / "got.safetensors"), *batches], capture_output=True, text=True, timeout=300,
+                          **run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = load_file(str(tmp_path / "got.safetensors"))
+    for task, logits in expected.items():
+        mask = batches[task]["text_attention_mask"].bool()
+        torch.testing.assert_close(got[task][mask], logits[mask], rtol=0, atol=1e-4, msg=task)
+    return expected
 
 
 def test_consolidate_local_adapters_match_in_plain_peft(prepared_dataset, tmp_path):
@@ -73,25 +97,40 @@ def test_consolidate_local_adapters_match_in_plain_peft(prepared_dataset, tmp_pa
     fresh, _ = load_backbone(ModelConfig(backbone="tiny-llama"))  # the untouched backbone (tiny ones are seeded)
     fresh.save_pretrained(tmp_path / "base")
     batches = _text_batches(prepared_dataset)
-    tensors, expected = {}, {}
-    with torch.no_grad():
-        for task, b in batches.items():
-            tensors[f"{task}/ids"], tensors[f"{task}/mask"] = b["text_input_ids"], b["text_attention_mask"]
-            expected[task] = model(b["text_input_ids"], b["text_attention_mask"], b["task_ids"])
-    save_file(tensors, str(tmp_path / "inputs.safetensors"))
-    (tmp_path / "child.py").write_text(CHILD)
-    proc = subprocess.run([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "base"), str(out / "adapters"),
-                           str(tmp_path / "inputs.safetensors"), str(tmp_path / "got.safetensors"), *batches],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = load_file(str(tmp_path / "got.safetensors"))
-    for task, logits in expected.items():
-        mask = batches[task]["text_attention_mask"].bool()
-        torch.testing.assert_close(got[task][mask], logits[mask], rtol=0, atol=1e-4, msg=task)
+    expected = _peft_reproduces_logits(model, batches, tmp_path, str(tmp_path / "base"), str(out / "adapters"))
     b = batches["ctr"]                                           # the task adapters differ
     with torch.no_grad():
         other = model(b["text_input_ids"], b["text_attention_mask"], torch.full_like(b["task_ids"], 2))
     assert (other - expected["ctr"]).abs().max() > 1e-3
+
+
+def test_consolidate_with_backbone_is_whole_when_moved(prepared_dataset, tmp_path):
+    """--with-backbone: the folder carries the backbone and its tokenizer, the adapters name it
+    relative to the folder, and moved elsewhere it reproduces the CKF logits through plain peft."""
+    import os
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from ckf_dist.resources import tokenizer_fingerprint
+
+    ref, model = make_checkpoint(str(tmp_path / "ckpts"), prepared_dataset)
+    out = consolidate(ref.url, tmp_path / "out", progress=False, with_backbone=True)
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    shutil.move(str(out), str(moved))
+    meta = json.loads((moved / "ckf_meta.json").read_text())
+    assert meta["base_model_name_or_path"] == "backbone" and meta["backbone_dir"] == "backbone"
+    conf = json.loads((moved / "adapters" / "ctr" / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == "backbone"
+    assert not [p for p in moved.parent.iterdir() if p.name != "run"]        # no temp folder left
+    beside = AutoTokenizer.from_pretrained(moved / "backbone")
+    assert tokenizer_fingerprint(beside) == prepared_dataset.manifest["tokenizer"]["fingerprint"]
+
+    env = dict(os.environ, HOME=str(tmp_path / "home"), CKF_CACHE=str(tmp_path / "no-cache"))
+    # "-": the base the adapters name; peft resolves the relative name from the working directory
+    _peft_reproduces_logits(model, _text_batches(prepared_dataset, per_task=1), tmp_path, "-", "adapters",
+                            cwd=moved, env=env)
 
 
 def test_consolidate_from_s3(prepared_dataset, s3_url, tmp_path):

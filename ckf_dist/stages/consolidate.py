@@ -6,6 +6,8 @@ Output folder::
     adapters/<task>/              one plain peft LoRA folder per task (shared + task adapter merged)
     trainable.safetensors         the whole CKF trainable state (what ``ckf evaluate`` reloads)
     tokenizer/                    the tokenizer the dataset was prepared with (AutoTokenizer loads it)
+    backbone/                     with ``--with-backbone``: the frozen backbone and its tokenizer; the
+                                  adapters then name it as ``backbone`` (relative to this folder)
     ckf_meta.json                 backbone, tokenizer fingerprint, step, metrics, dataset, tasks
     config.yaml, metrics.jsonl    the run's config and training log
 
@@ -94,6 +96,43 @@ def backbone_name(model_cfg) -> str:
     return str(Path(model_cfg.backbone).resolve())
 
 
+BACKBONE_DIR = "backbone"
+
+
+def _backbone_files(folder: Path) -> list[Path]:
+    """What of a Hugging Face model folder is the model: configs, weights, their index, tokenizer files."""
+    keep = (".json", ".safetensors", ".model", ".txt", ".tiktoken", ".jinja", ".py")
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name.endswith(keep))
+
+
+def export_backbone(model_cfg, tokenizer, out: Path, progress: bool = False) -> Path:
+    """The frozen backbone, readable by plain transformers, into ``out/backbone`` with the dataset's
+    tokenizer beside it; written to a temp folder and renamed into place whole.
+
+    A folder backbone (``smollm2``'s converted cache, a local folder) is copied file by file;
+    a tiny test backbone is written from its seeded construction. ``config.json`` gets the
+    legacy keys every allowed transformers version reads (:func:`portable_config`)."""
+    from ckf_dist import storage
+    from ckf_dist.model.backbone import (TINY_NAMES, _check_backbone_folder, backbone_folder, smollm2_folder,
+                                         tiny_backbone, write_portable_config)
+
+    target = out / BACKBONE_DIR
+    with storage.atomic_dir(target, replace=True, validate=_check_backbone_folder) as tmp:
+        if model_cfg.backbone in TINY_NAMES:
+            tiny_backbone(TINY_NAMES[model_cfg.backbone]).save_pretrained(tmp)
+        else:
+            src = (smollm2_folder(model_cfg.cache_dir) if model_cfg.backbone == "smollm2"
+                   else backbone_folder(model_cfg.backbone))
+            files = _backbone_files(src)
+            for f in files:
+                shutil.copyfile(f, tmp / f.name)
+            log(progress, f"  copied the backbone {src} ({sum(f.stat().st_size for f in files) / 1e6:.0f} MB, "
+                           f"{len(files)} files)")
+        write_portable_config(tmp / "config.json")
+        tokenizer.save_pretrained(str(tmp))
+    return target
+
+
 def rebuild_model(model_cfg, state: dict[str, torch.Tensor], cf_user=None, cf_item=None, tokenizer_info=None,
                   where: str = "checkpoint"):
     """Backbone named in the config + Multi-LoRA + bridge, with ``state`` loaded; ``(model, tokenizer)``.
@@ -125,11 +164,15 @@ def rebuild_model(model_cfg, state: dict[str, torch.Tensor], cf_user=None, cf_it
     return model.eval(), tokenizer
 
 
-def consolidate(ckpt_url: str, out_dir: str | Path, progress: bool = True, verify: bool = False) -> Path:
+def consolidate(ckpt_url: str, out_dir: str | Path, progress: bool = True, verify: bool = False,
+                with_backbone: bool = False) -> Path:
     """Committed checkpoint (or run folder: its latest) -> bridge, per-task peft adapters, metadata. Returns out_dir.
 
     ``verify`` hashes every file of the checkpoint first (ZeRO shards and resume state too, not
-    only the export it reads), so a checkpoint kept for resuming is known to be whole."""
+    only the export it reads), so a checkpoint kept for resuming is known to be whole.
+    ``with_backbone`` writes the backbone and its tokenizer into ``out_dir/backbone`` and names it
+    there (``base_model_name_or_path: backbone``, relative to ``out_dir``), so the folder is whole
+    on any machine; without it the adapters name ``model.backbone_id`` or the backbone's folder."""
     from safetensors.torch import save_file
 
     from ckf_dist.config import dump_config
@@ -154,6 +197,9 @@ def consolidate(ckpt_url: str, out_dir: str | Path, progress: bool = True, verif
             store.fetch(ref, ["metrics.jsonl"], local)
         out.mkdir(parents=True, exist_ok=True)
         base = backbone_name(cfg.model)
+        if with_backbone:
+            export_backbone(cfg.model, tokenizer, out, progress)
+            base = BACKBONE_DIR
         folders = model.export_peft(out / "adapters", base)
         trainable = {k: v.detach().float().contiguous() for k, v in model.trainable_state_dict().items()}
         bridge = {k[len("bridge."):]: v for k, v in trainable.items() if k.startswith("bridge.")}
@@ -168,6 +214,7 @@ def consolidate(ckpt_url: str, out_dir: str | Path, progress: bool = True, verif
             "format": "ckf-consolidated", "schema": 1, "checkpoint": ref.url, "step": ref.step,
             "total_steps": ref.manifest.get("total_steps"), "run_name": ref.manifest.get("run_name", cfg.run_name),
             "backbone": cfg.model.backbone, "base_model_name_or_path": base, "dtype": cfg.model.dtype,
+            "backbone_dir": BACKBONE_DIR if with_backbone else None,
             "tokenizer": dataset.get("tokenizer", {}), "tokenizer_dir": "tokenizer", "dataset": dataset.get("url", cfg.data.output),
             "answer_tokens": dataset.get("answer_tokens", {}), "dataset_fingerprint": dataset.get("fingerprint"),
             "tasks": list(folders),

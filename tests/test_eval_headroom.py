@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ckf_dist.eval.headroom import fit_logistic, headroom, main, percentile_ranks
+from ckf_dist.eval.headroom import effect, fit_logistic, headroom, main, percentile_ranks
 
 
 def synthetic_rows(n: int = 2000, seed: int = 0) -> dict:
@@ -56,3 +56,31 @@ def test_command_line_reads_an_evaluations_rows(tmp_path, capsys):
     assert "no ctr scores for ['text-only', 'mf', 'popularity']" in capsys.readouterr().err
     assert main([str(tmp_path / "missing")]) == 2
     assert "rows_ctr.parquet not found" in capsys.readouterr().err
+
+
+def test_effect_follows_what_was_added_and_nothing_else():
+    """``with`` = ``without`` pushed by the cf signal: the effect correlates with cf and the label,
+    not with noise; its mean and spread are the push's."""
+    rows = synthetic_rows(2000)
+    base = np.asarray(rows["score:base"])
+    push = 0.3 * (rows["score:cf"] - 7.0) / 3.0 + 0.1                   # 0.3 * b + 0.1 in logits
+    rows["score:with-cf"] = 1 / (1 + np.exp(-(np.log(base / (1 - base)) + push)))
+    e = effect(rows, "with-cf", "base", ["cf", "noise"], n_boot=300)
+    assert e["n"] == 2000 and abs(e["mean"]["value"] - 0.1) < 0.03 and abs(e["sd"] - 0.3) < 0.03
+    assert e["mean"]["lo"] > 0
+    assert e["cf"]["value"] > 0.99 and e["cf"]["lo"] > 0.98               # the push is a function of cf
+    assert e["label"]["lo"] > 0.2                                       # and cf predicts the label
+    assert e["noise"]["lo"] < 0 < e["noise"]["hi"] and abs(e["noise"]["value"]) < 0.06
+    with pytest.raises(ValueError, match="not probabilities"):
+        effect(rows, "cf", "base", [])
+
+
+def test_command_line_effect(tmp_path, capsys):
+    rows = synthetic_rows(400)
+    rows["score:base2"] = np.clip(np.asarray(rows["score:base"]) + 0.01, 0, 1)
+    pq.write_table(pa.table(rows), tmp_path / "rows_ctr.parquet")
+    assert main([str(tmp_path), "--effect", "base2", "base", "--add", "cf"]) == 0
+    out = capsys.readouterr().out
+    assert "logit(base2) - logit(base) on 400 ctr rows" in out and "rank correlation with cf" in out
+    assert main([str(tmp_path), "--effect", "base2", "ckf"]) == 2
+    assert "no ctr scores for ['ckf'" in capsys.readouterr().err

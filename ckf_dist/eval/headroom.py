@@ -18,7 +18,14 @@ A gain whose interval lies above 0 says the features hold information the base s
 fusion could use it); a gain near 0 with a tight interval says they add nothing a linear
 combination can find.
 
+``--effect A B`` asks what a component delivers: the per-row effect ``logit(p_A) - logit(p_B)``
+of two scorings of the same rows (``ckf`` and ``ckf-slots-removed``: what the CF slots change),
+its size beside the spread of A's logits, and its rank correlation with the label and with
+other scores (does the slots' push follow popularity, ``u . v``?), each with a user-level
+bootstrap interval (ranks fixed over the rows, correlations re-weighted per replicate).
+
     python -m ckf_dist.eval.headroom runs/study/ctr-cpu --base text-only --add mf popularity
+    python -m ckf_dist.eval.headroom runs/study/ctr-cpu --effect ckf ckf-slots-removed --add mf popularity
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ckf_dist.eval.bootstrap import Resampler, auc_stat, paired, replicate, summarize
+from ckf_dist.eval.bootstrap import Resampler, auc_stat, mean_stat, paired, replicate, summarize
 from ckf_dist.metrics import auc
 
 
@@ -98,6 +105,64 @@ def headroom(rows: dict, base: str, extras: list[str], folds: int = 5, seed: int
                         **{m: float(v) for m, v in zip([base, *extras], weights[1:])}}}
 
 
+def _logit(p: np.ndarray, what: str) -> np.ndarray:
+    if np.nanmin(p) < 0 or np.nanmax(p) > 1:
+        raise ValueError(f"--effect: {what}'s scores are not probabilities in [0, 1]")
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def corr_stat(x: np.ndarray, y: np.ndarray):
+    """Pearson correlation of ``x`` and ``y`` under each replicate's row weights."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+
+    def stat(counts, w):
+        sw = w.sum(1)
+        mx, my = (w @ x) / sw, (w @ y) / sw
+        cov = (w @ (x * y)) / sw - mx * my
+        vx, vy = (w @ (x * x)) / sw - mx ** 2, (w @ (y * y)) / sw - my ** 2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return cov / np.sqrt(vx * vy)
+    return stat
+
+
+def effect(rows: dict, with_: str, without: str, against: list[str], seed: int = 42, n_boot: int = 1000) -> dict:
+    """What ``with_`` changes over ``without`` row by row: the logit difference's mean and spread
+    (beside the spread of ``with_``'s logits), and its rank correlation with the label and with
+    each score in ``against``, with user-level bootstrap intervals."""
+    missing = [m for m in [with_, without, *against] if f"score:{m}" not in rows]
+    if missing:
+        have = sorted(c.split(":", 1)[1] for c in rows if c.startswith("score:"))
+        raise KeyError(f"no ctr scores for {missing}; the rows have {have}")
+    a = _logit(np.asarray(rows[f"score:{with_}"], dtype=np.float64), with_)
+    delta = a - _logit(np.asarray(rows[f"score:{without}"], dtype=np.float64), without)
+    users = np.asarray(rows["user"], dtype=np.int64)
+    ranked = percentile_ranks(delta)
+    targets = {"label": np.asarray(rows["label"], dtype=np.float64),
+               **{m: percentile_ranks(rows[f"score:{m}"]) for m in against}}
+    stats = {"mean": mean_stat(delta), **{t: corr_stat(ranked, v) for t, v in targets.items()}}
+    reps = replicate(Resampler(users, n_boot, seed, "effect"), {"effect": stats})["effect"]
+    point = {"mean": float(delta.mean()), **{t: float(corr_stat(ranked, v)(None, np.ones((1, len(v))))[0])
+                                            for t, v in targets.items()}}
+    return {"n": int(len(delta)), "with": with_, "without": without, "sd": float(delta.std()),
+            "sd_scores": float(a.std()), **{k: summarize(point[k], reps[k]) for k in stats}}
+
+
+def format_effect(e: dict) -> str:
+    """The effect's size and its correlations, a line each."""
+    def cell(c, sign=""):
+        return f"{c['value']:{sign}.3f} [{c['lo']:{sign}.3f}, {c['hi']:{sign}.3f}]" + (
+            " *" if np.isfinite(c["lo"]) and (c["lo"] > 0 or c["hi"] < 0) else "")
+
+    name = f"logit({e['with']}) - logit({e['without']})"
+    lines = [f"{name} on {e['n']} ctr rows",
+             f"  mean {cell(e['mean'], '+')}; sd {e['sd']:.3f} (sd of logit({e['with']}): {e['sd_scores']:.3f})"]
+    for k in e:
+        if isinstance(e[k], dict) and k != "mean":
+            lines.append(f"  rank correlation with {k:<12} {cell(e[k], '+')}")
+    return "\n".join(lines)
+
+
 def format_headroom(h: dict) -> str:
     """The base AUC, the stack's, the paired gain and the stack's weights, a line each."""
     def cell(c):
@@ -120,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
                                                  "(cross-fitted logistic stack, paired bootstrap interval)")
     parser.add_argument("eval_dir", help="an evaluation's output folder (with rows_ctr.parquet)")
     parser.add_argument("--base", default="ckf", help="the method whose score is the base (default: ckf)")
-    parser.add_argument("--add", nargs="+", default=["mf", "popularity"], help="methods whose scores are added")
+    parser.add_argument("--add", nargs="+", default=["mf", "popularity"],
+                        help="methods whose scores are added (with --effect: correlated with the effect)")
+    parser.add_argument("--effect", nargs=2, metavar=("A", "B"),
+                        help="instead: the per-row effect logit(A) - logit(B) of two scorings (e.g. ckf "
+                             "ckf-slots-removed), its size and rank correlations with the label and --add")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
@@ -130,12 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     if not path.is_file():
         print(f"error: {path} not found; run `ckf evaluate` (or `ckf study`) with a ctr task first", file=sys.stderr)
         return 2
+    rows = pq.read_table(path).to_pydict()
     try:
-        h = headroom(pq.read_table(path).to_pydict(), args.base, args.add, args.folds, args.seed)
+        if args.effect:
+            print(format_effect(effect(rows, *args.effect, args.add, args.seed)))
+        else:
+            print(format_headroom(headroom(rows, args.base, args.add, args.folds, args.seed)))
     except (KeyError, ValueError) as exc:
         print(f"error: {path}: {exc.args[0]}", file=sys.stderr)
         return 2
-    print(format_headroom(h))
     return 0
 
 

@@ -180,3 +180,51 @@ def test_failed_run_message_is_the_workers_own_error():
         raise RuntimeError("outer") from ValueError("inner cause")
     except RuntimeError as exc:
         assert failure_message(exc) == "ValueError: inner cause"
+
+
+def test_worker_error_goes_on_without_frames_and_its_traceback_to_a_file(tmp_path):
+    """What a failing worker hands Ray: its own exception (type, message) with one frame and no
+    chained cause, so Ray's console shows a few lines; the whole traceback is in the file."""
+    import traceback
+
+    from ckf_dist.errors import StorageError
+    from ckf_dist.train.worker import traceback_to_file
+
+    def deep(n):
+        if n == 0:
+            try:
+                raise ConnectionError("socket reset")
+            except ConnectionError as exc:
+                raise StorageError("s3://b/run: storage unreachable (ConnectionError: socket reset)") from exc
+        deep(n - 1)
+
+    path = tmp_path / "logs" / "run" / "error_rank1.txt"
+    with pytest.raises(StorageError) as info:
+        traceback_to_file(path, deep, 5)
+    exc = info.value
+    assert str(exc).startswith("s3://b/run: storage unreachable")
+    assert exc.__cause__ is None and exc.__suppress_context__
+    printed = "".join(traceback.format_exception(exc))
+    assert printed.count('File "') == 2, printed        # this test's frame and the re-raise
+    assert "in deep" not in printed
+    full = path.read_text()
+    assert full.count("in deep") >= 3 and "ConnectionError: socket reset" in full, full
+    assert "direct cause" in full
+    def fails():
+        raise ValueError("kept")
+
+    with pytest.raises(ValueError) as info:              # an unwritable file: the exception goes on whole
+        traceback_to_file(path / "x", fails)
+    assert "in fails" in "".join(traceback.format_exception(info.value))
+    assert traceback_to_file(path, max, 2, 3) == 3       # no exception: fn's result
+
+
+def test_worker_setup_hook_names_a_function_ray_can_import():
+    """Ray imports the hook by its dotted name in every worker process; a rename must fail here,
+    not as a worker that cannot start."""
+    import importlib
+
+    from ckf_dist.stages.train import WORKER_SETUP, pin_ray_address
+
+    module, _, name = WORKER_SETUP["worker_process_setup_hook"].rpartition(".")
+    assert getattr(importlib.import_module(module), name) is pin_ray_address

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -69,6 +70,14 @@ def run(cfg, tmp: Path, fails: bool = False, **env) -> tuple[dict, Path]:
     output = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     if fails:
         assert proc.returncode != 0 and "injected fault" in proc.stderr, output
+        # one line naming the worker's error and its traceback file; the console carries none of
+        # the worker's own frames (Ray prints the raise in train_loop_per_worker per failed rank)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"ckf: error: training run '{cfg.run_name}' failed: rank ") and "injected fault" in last
+        trace = Path(re.search(r"traceback: (\S+) on rank", last).group(1))
+        assert "in _maybe_fault" in trace.read_text(), trace.read_text()
+        frames = [line for line in proc.stderr.splitlines() if 'File "' in line and "ckf_dist" in line]
+        assert len(frames) <= 2 * cfg.train.num_workers and "_maybe_fault" not in proc.stderr, output
     else:
         assert proc.returncode == 0, f"ckf train failed ({proc.returncode}):\n{output}"
     ref = store.latest_committed(cfg.train.storage, cfg.run_name)

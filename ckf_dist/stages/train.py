@@ -30,7 +30,7 @@ def _init_ray(cfg: CKFConfig):
     env = {k: os.environ[k] for k in tcfg.forward_env if k in os.environ}
     env.update(QUIET_WORKERS)
     if tcfg.address:
-        ray.init(address=tcfg.address, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(address=tcfg.address, runtime_env={"env_vars": env, **WORKER_SETUP}, log_to_driver=True)
     else:
         # One logical CPU per worker plus headroom: Ray tasks beside the workers must never
         # wait on a CPU the workers hold (Ray waits forever when every CPU is held: the 1/0 CPU deadlock).
@@ -40,7 +40,8 @@ def _init_ray(cfg: CKFConfig):
         guard = reaper.start()
         try:
             ray.init(num_cpus=max(4, tcfg.num_workers + 2), include_dashboard=True, dashboard_host="127.0.0.1",
-                     dashboard_port=_free_port(), log_to_driver=True, runtime_env={"env_vars": QUIET_WORKERS})
+                     dashboard_port=_free_port(), log_to_driver=True,
+                     runtime_env={"env_vars": QUIET_WORKERS, **WORKER_SETUP})
         except BaseException:
             guard.done()
             raise
@@ -51,6 +52,19 @@ def _init_ray(cfg: CKFConfig):
 # Ray Train re-routes print() of workers through its logger, which doubles every progress
 # line on the driver; our workers print plain lines.
 QUIET_WORKERS = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+def pin_ray_address() -> None:
+    """Run in every Ray worker process of our jobs: name this cluster in ``RAY_ADDRESS``.
+
+    Ray Train's helpers (its placement-group cleaner) look their cluster up through the state
+    API with no address; with a second Ray cluster on the machine (two runs on one workstation)
+    that lookup fails with "Found multiple active Ray instances" and a traceback on the console."""
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
+WORKER_SETUP = {"worker_process_setup_hook": "ckf_dist.stages.train.pin_ray_address"}
 
 # Driver-side switches handed to every worker (fault injection, sample log: tests and audits)
 WORKER_ENV = ("CKF_FAULT", "CKF_SAMPLE_LOG")
@@ -135,8 +149,10 @@ def failure_message(exc: BaseException) -> str:
     return (f"rank {rank}: " if rank is not None else "") + text
 
 
-def _log_hint() -> str:
-    """Where the full worker logs are (the local Ray session's folder), as a suffix."""
+def _log_hint(cfg: CKFConfig, rank: int | None) -> str:
+    """Where the failing worker's traceback and the full worker logs are, as a suffix."""
+    from ckf_dist.train.worker import error_file
+
     try:
         import ray
 
@@ -144,7 +160,12 @@ def _log_hint() -> str:
         logs = node.get_logs_dir_path() if node is not None else ""
     except Exception:  # noqa: BLE001 - a hint only
         logs = ""
-    return f" (full worker logs: {logs}/worker-*.err)" if logs else ""
+    where = []
+    if rank is not None:
+        where.append(f"traceback: {error_file(cfg, rank)} on rank {rank}'s node")
+    if logs:
+        where.append(f"full worker logs: {logs}/worker-*.err")
+    return f" ({'; '.join(where)})" if where else ""
 
 
 def run_train(cfg: CKFConfig, progress: bool = True) -> dict:
@@ -236,7 +257,7 @@ def _differences(a: dict, b: dict, prefix: str = ""):
 
 def _fit(cfg: CKFConfig) -> dict:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ckf_dist.train.worker import train_loop_per_worker
@@ -260,13 +281,17 @@ def _fit(cfg: CKFConfig) -> dict:
                 failure_config=FailureConfig(max_failures=tcfg.max_failures),
                 # Retention is ours (checkpoint.store.apply_retention): it only deletes after a newer commit.
                 checkpoint_config=CheckpointConfig(num_to_keep=None),
+                # Ray Train's INFO lines (worker-group start, the failure policy's decision with
+                # the worker's traceback again) stay in its session log files; warnings and the
+                # worker's error still reach the console, and the driver ends with one line
+                logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
         try:
             trainer.fit()
         except Exception as exc:
             raise TrainError(f"training run {cfg.run_name!r} failed: {failure_message(exc)}"
-                             f"{_log_hint()}") from exc
+                             f"{_log_hint(cfg, worker_failure(exc)[0])}") from exc
     finally:
         if guard is not None:
             ray.shutdown()

@@ -16,6 +16,7 @@ import shutil
 import signal
 import threading
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -389,7 +390,33 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                          checkpoint_dir_name=name)   # synchronous: the staged folder stays (hashed meanwhile)
 
-    run_worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), ray_uploader, os.environ.get("CKF_FAULT", ""))
+    rank = ctx.get_world_rank()
+    traceback_to_file(error_file(cfg, rank), run_worker, cfg, rank, ctx.get_world_size(), ray_uploader,
+                      os.environ.get("CKF_FAULT", ""))
+
+
+def traceback_to_file(path: Path, fn, *args):
+    """``fn(*args)``; an exception it raises has its whole traceback written to ``path`` and goes
+    on without its frames and chained causes (same type and message).
+
+    Ray prints a failed worker's traceback once from the worker and again from its controller;
+    stripped, the console shows a few lines and the driver's one-line error names ``path``.
+    When ``path`` cannot be written the exception goes on whole."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(traceback.format_exception(exc)))
+        except OSError:
+            raise exc from None
+        exc.__cause__, exc.__context__, exc.__suppress_context__ = None, None, True
+        raise exc.with_traceback(None) from None
+
+
+def error_file(cfg: CKFConfig, rank: int) -> Path:
+    """Where a failed worker writes its whole traceback (on its own node, beside the run's logs)."""
+    return Path(cfg.train.log_dir) / cfg.run_name / f"error_rank{rank}.txt"
 
 
 def local_uploader(cfg: CKFConfig):

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ckf_dist.eval.headroom import effect, fit_logistic, headroom, main, percentile_ranks
+from ckf_dist.eval.headroom import difference, effect, fit_logistic, headroom, main, percentile_ranks
 
 
 def synthetic_rows(n: int = 2000, seed: int = 0) -> dict:
@@ -84,3 +84,20 @@ def test_command_line_effect(tmp_path, capsys):
     assert "logit(base2) - logit(base) on 400 ctr rows" in out and "rank correlation with cf" in out
     assert main([str(tmp_path), "--effect", "base2", "ckf"]) == 2
     assert "no ctr scores for ['ckf'" in capsys.readouterr().err
+    assert main([str(tmp_path), "--diff", "base2", "base"]) == 0
+    assert "base2 - base" in capsys.readouterr().out
+
+
+def test_difference_is_paired_over_the_same_rows():
+    """A score that also sees the cf signal beats base by a margin the paired interval resolves;
+    a score against itself differs by exactly 0; the AUCs are those of the metric."""
+    from ckf_dist.metrics import auc
+
+    rows = synthetic_rows(2000)
+    base = np.asarray(rows["score:base"])
+    rows["score:both"] = 1 / (1 + np.exp(-(np.log(base / (1 - base)) + (rows["score:cf"] - 7.0) / 3.0)))
+    d = difference(rows, "both", "base", n_boot=300)
+    assert d["auc_a"]["value"] == pytest.approx(auc(rows["label"].tolist(), rows["score:both"].tolist()))
+    assert d["diff"]["excludes_zero"] and d["diff"]["lo"] > 0.05
+    same = difference(rows, "base", "base", n_boot=100)
+    assert same["diff"]["value"] == 0 and same["diff"]["lo"] == same["diff"]["hi"] == 0

@@ -26,6 +26,7 @@ bootstrap interval (ranks fixed over the rows, correlations re-weighted per repl
 
     python -m ckf_dist.eval.headroom runs/study/ctr-cpu --base text-only --add mf popularity
     python -m ckf_dist.eval.headroom runs/study/ctr-cpu --effect ckf ckf-slots-removed --add mf popularity
+    python -m ckf_dist.eval.headroom runs/study/ctr-cpu --diff joint-normalize text-only
 """
 
 from __future__ import annotations
@@ -148,6 +149,33 @@ def effect(rows: dict, with_: str, without: str, against: list[str], seed: int =
             "sd_scores": float(a.std()), **{k: summarize(point[k], reps[k]) for k in stats}}
 
 
+def difference(rows: dict, a: str, b: str, seed: int = 42, n_boot: int = 1000) -> dict:
+    """AUC of ``a`` and of ``b`` on the same rows and the paired difference ``a - b`` (user-level
+    bootstrap): for two methods neither of which is a study's reference."""
+    missing = [m for m in (a, b) if f"score:{m}" not in rows]
+    if missing:
+        have = sorted(c.split(":", 1)[1] for c in rows if c.startswith("score:"))
+        raise KeyError(f"no ctr scores for {missing}; the rows have {have}")
+    labels = np.asarray(rows["label"], dtype=np.float64)
+    sa, sb = (np.asarray(rows[f"score:{m}"], dtype=np.float64) for m in (a, b))
+    reps = replicate(Resampler(np.asarray(rows["user"], dtype=np.int64), n_boot, seed, "difference"),
+                     {"a": {"auc": auc_stat(labels, sa)}, "b": {"auc": auc_stat(labels, sb)}})
+    pa, pb = auc(labels.tolist(), sa.tolist()), auc(labels.tolist(), sb.tolist())
+    return {"n": int(len(labels)), "a": a, "b": b, "auc_a": summarize(pa, reps["a"]["auc"]),
+            "auc_b": summarize(pb, reps["b"]["auc"]), "diff": paired(pa, pb, reps["a"]["auc"], reps["b"]["auc"])}
+
+
+def format_difference(d: dict) -> str:
+    def cell(c, sign=""):
+        return f"{c['value']:{sign}.3f} [{c['lo']:{sign}.3f}, {c['hi']:{sign}.3f}]"
+
+    name = f"{d['a']} - {d['b']}"
+    width = max(len(name), len(d["a"]), len(d["b"]))
+    star = " *" if d["diff"]["excludes_zero"] else ""
+    return (f"ctr auc on {d['n']} rows\n  {d['a']:<{width}} {cell(d['auc_a'])}\n  {d['b']:<{width}} {cell(d['auc_b'])}\n"
+            f"  {name:<{width}} {cell(d['diff'], '+')}{star} (paired)")
+
+
 def format_effect(e: dict) -> str:
     """The effect's size and its correlations, a line each."""
     def cell(c, sign=""):
@@ -187,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default="ckf", help="the method whose score is the base (default: ckf)")
     parser.add_argument("--add", nargs="+", default=["mf", "popularity"],
                         help="methods whose scores are added (with --effect: correlated with the effect)")
+    parser.add_argument("--diff", nargs=2, metavar=("A", "B"),
+                        help="instead: the AUCs of A and B and the paired difference A - B")
     parser.add_argument("--effect", nargs=2, metavar=("A", "B"),
                         help="instead: the per-row effect logit(A) - logit(B) of two scorings (e.g. ckf "
                              "ckf-slots-removed), its size and rank correlations with the label and --add")
@@ -201,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = pq.read_table(path).to_pydict()
     try:
-        if args.effect:
+        if args.diff:
+            print(format_difference(difference(rows, *args.diff, seed=args.seed)))
+        elif args.effect:
             print(format_effect(effect(rows, *args.effect, args.add, args.seed)))
         else:
             print(format_headroom(headroom(rows, args.base, args.add, args.folds, args.seed)))

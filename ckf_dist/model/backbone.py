@@ -177,7 +177,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     weights = {k: v.detach().contiguous() for k, v in plain.state_dict().items()}
     if getattr(plain.config, "tie_word_embeddings", False):
         weights.pop("lm_head.weight", None)          # tied to the input embedding, re-tied at load
-    with storage.atomic_dir(target, replace=False, validate=_check_backbone_folder) as tmp:
+    with storage.atomic_dir(target, replace=False, validate=check_backbone_folder) as tmp:
         plain.config.save_pretrained(tmp)
         write_portable_config(tmp / "config.json")
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -215,7 +215,7 @@ def write_portable_config(path: Path) -> bool:
     return True
 
 
-def _check_backbone_folder(folder: Path) -> None:
+def check_backbone_folder(folder: Path) -> None:
     """A converted folder must name its model type and hold its weights before it goes into the cache."""
     import json
 

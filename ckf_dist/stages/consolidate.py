@@ -113,11 +113,11 @@ def export_backbone(model_cfg, tokenizer, out: Path, progress: bool = False) -> 
     a tiny test backbone is written from its seeded construction. ``config.json`` gets the
     legacy keys every allowed transformers version reads (:func:`portable_config`)."""
     from ckf_dist import storage
-    from ckf_dist.model.backbone import (TINY_NAMES, _check_backbone_folder, backbone_folder, smollm2_folder,
+    from ckf_dist.model.backbone import (TINY_NAMES, check_backbone_folder, backbone_folder, smollm2_folder,
                                          tiny_backbone, write_portable_config)
 
     target = out / BACKBONE_DIR
-    with storage.atomic_dir(target, replace=True, validate=_check_backbone_folder) as tmp:
+    with storage.atomic_dir(target, replace=True, validate=check_backbone_folder) as tmp:
         if model_cfg.backbone in TINY_NAMES:
             tiny_backbone(TINY_NAMES[model_cfg.backbone]).save_pretrained(tmp)
         else:

@@ -48,6 +48,19 @@ def percentile_ranks(x: np.ndarray) -> np.ndarray:
     return mid[inverse] / max(1, len(inverse) - 1)
 
 
+def _require_scores(rows: dict, methods: list[str]) -> None:
+    """A KeyError naming the methods without a ``score:<method>`` column, and those there are."""
+    missing = [m for m in methods if f"score:{m}" not in rows]
+    if missing:
+        have = sorted(c.split(":", 1)[1] for c in rows if c.startswith("score:"))
+        raise KeyError(f"no ctr scores for {missing}; the rows have {have}")
+
+
+def _cell(c: dict, sign: str = "") -> str:
+    """``value [lo, hi]`` to 3 decimals (``sign="+"``: signed)."""
+    return f"{c['value']:{sign}.3f} [{c['lo']:{sign}.3f}, {c['hi']:{sign}.3f}]"
+
+
 def _design(x: np.ndarray) -> np.ndarray:
     """``x`` with an intercept column in front."""
     return np.hstack([np.ones((len(x), 1)), x])
@@ -85,10 +98,7 @@ def headroom(rows: dict, base: str, extras: list[str], folds: int = 5, seed: int
     """The base method's AUC, the cross-fitted stack's AUC with ``extras``, and the paired gain."""
     labels = np.asarray(rows["label"], dtype=np.float64)
     users = np.asarray(rows["user"], dtype=np.int64)
-    missing = [m for m in [base, *extras] if f"score:{m}" not in rows]
-    if missing:
-        have = sorted(c.split(":", 1)[1] for c in rows if c.startswith("score:"))
-        raise KeyError(f"no ctr scores for {missing}; the rows have {have}")
+    _require_scores(rows, [base, *extras])
     if len(np.unique(labels)) < 2:
         raise ValueError("headroom: the rows have a single label; AUC is undefined")
     base_scores = np.asarray(rows[f"score:{base}"], dtype=np.float64)
@@ -131,10 +141,7 @@ def effect(rows: dict, with_: str, without: str, against: list[str], seed: int =
     """What ``with_`` changes over ``without`` row by row: the logit difference's mean and spread
     (beside the spread of ``with_``'s logits), and its rank correlation with the label and with
     each score in ``against``, with user-level bootstrap intervals."""
-    missing = [m for m in [with_, without, *against] if f"score:{m}" not in rows]
-    if missing:
-        have = sorted(c.split(":", 1)[1] for c in rows if c.startswith("score:"))
-        raise KeyError(f"no ctr scores for {missing}; the rows have {have}")
+    _require_scores(rows, [with_, without, *against])
     a = _logit(np.asarray(rows[f"score:{with_}"], dtype=np.float64), with_)
     delta = a - _logit(np.asarray(rows[f"score:{without}"], dtype=np.float64), without)
     users = np.asarray(rows["user"], dtype=np.int64)
@@ -152,10 +159,7 @@ def effect(rows: dict, with_: str, without: str, against: list[str], seed: int =
 def difference(rows: dict, a: str, b: str, seed: int = 42, n_boot: int = 1000) -> dict:
     """AUC of ``a`` and of ``b`` on the same rows and the paired difference ``a - b`` (user-level
     bootstrap): for two methods neither of which is a study's reference."""
-    missing = [m for m in (a, b) if f"score:{m}" not in rows]
-    if missing:
-        have = sorted(c.split(":", 1)[1] for c in rows if c.startswith("score:"))
-        raise KeyError(f"no ctr scores for {missing}; the rows have {have}")
+    _require_scores(rows, [a, b])
     labels = np.asarray(rows["label"], dtype=np.float64)
     sa, sb = (np.asarray(rows[f"score:{m}"], dtype=np.float64) for m in (a, b))
     reps = replicate(Resampler(np.asarray(rows["user"], dtype=np.int64), n_boot, seed, "difference"),
@@ -166,21 +170,18 @@ def difference(rows: dict, a: str, b: str, seed: int = 42, n_boot: int = 1000) -
 
 
 def format_difference(d: dict) -> str:
-    def cell(c, sign=""):
-        return f"{c['value']:{sign}.3f} [{c['lo']:{sign}.3f}, {c['hi']:{sign}.3f}]"
-
+    """Both AUCs and the paired difference, a line each."""
     name = f"{d['a']} - {d['b']}"
     width = max(len(name), len(d["a"]), len(d["b"]))
     star = " *" if d["diff"]["excludes_zero"] else ""
-    return (f"ctr auc on {d['n']} rows\n  {d['a']:<{width}} {cell(d['auc_a'])}\n  {d['b']:<{width}} {cell(d['auc_b'])}\n"
-            f"  {name:<{width}} {cell(d['diff'], '+')}{star} (paired)")
+    return (f"ctr auc on {d['n']} rows\n  {d['a']:<{width}} {_cell(d['auc_a'])}\n  {d['b']:<{width}} {_cell(d['auc_b'])}\n"
+            f"  {name:<{width}} {_cell(d['diff'], '+')}{star} (paired)")
 
 
 def format_effect(e: dict) -> str:
     """The effect's size and its correlations, a line each."""
     def cell(c, sign=""):
-        return f"{c['value']:{sign}.3f} [{c['lo']:{sign}.3f}, {c['hi']:{sign}.3f}]" + (
-            " *" if np.isfinite(c["lo"]) and (c["lo"] > 0 or c["hi"] < 0) else "")
+        return _cell(c, sign) + (" *" if np.isfinite(c["lo"]) and (c["lo"] > 0 or c["hi"] < 0) else "")
 
     name = f"logit({e['with']}) - logit({e['without']})"
     lines = [f"{name} on {e['n']} ctr rows",
@@ -193,17 +194,14 @@ def format_effect(e: dict) -> str:
 
 def format_headroom(h: dict) -> str:
     """The base AUC, the stack's, the paired gain and the stack's weights, a line each."""
-    def cell(c):
-        return f"{c['value']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]"
-
     g = h["gain"]
     star = " *" if g.get("excludes_zero") else ""
     stack = " + ".join([h["base"], *h["extras"]])
     width = max(len(stack), len("weights on the ranks"))
     return (f"ctr auc on {h['n']} rows, {h['folds']}-fold cross-fitted over users\n"
-            f"  {h['base']:<{width}} {cell(h['base_auc'])}\n"
-            f"  {stack:<{width}} {cell(h['stack_auc'])}\n"
-            f"  {'gain (paired)':<{width}} {g['value']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]{star}\n"
+            f"  {h['base']:<{width}} {_cell(h['base_auc'])}\n"
+            f"  {stack:<{width}} {_cell(h['stack_auc'])}\n"
+            f"  {'gain (paired)':<{width}} {_cell(g, '+')}{star}\n"
             f"  {'weights on the ranks':<{width}} " + ", ".join(f"{k} {v:+.2f}" for k, v in h["weights"].items()))
 
 

@@ -53,6 +53,7 @@ def _init_ray(cfg: CKFConfig):
 # line on the driver; our workers print plain lines.
 QUIET_WORKERS = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
+
 def pin_ray_address() -> None:
     """Run in every Ray worker process of our jobs: name this cluster in ``RAY_ADDRESS``.
 

@@ -105,3 +105,60 @@ def test_sparse_adam_learns_like_adam(proto, mf):
     assert sparse.metrics["test"]["cf"]["all"]["auc"] > sparse.metrics["test"]["popularity"]["all"]["auc"]
     with pytest.raises(ValueError, match="sparse-adam.*needs model 'mf'"):
         CFConfig(model="lightgcn", optimizer="sparse-adam").validate()
+
+
+def test_ridge_by_key_equals_one_solve_per_id(monkeypatch):
+    """The stacked, block-wise normal equations give each id's own ridge solution (blocks of 3 ids
+    here, so block edges are crossed); ids without a row keep the given values."""
+    from ckf_dist.cf import rating
+
+    rng = np.random.default_rng(1)
+    keys = rng.integers(0, 9, size=60)
+    keys[keys == 4] = 5                                    # id 4 has no row
+    x, y = rng.normal(size=(60, 3)), rng.normal(size=60)
+    keep = np.full((9, 3), 7.0)
+    monkeypatch.setattr(rating, "KEYS_PER_BLOCK", 3)
+    got = rating.ridge_by_key(keys, x, y, 9, 0.5, keep.copy())
+    for k in range(9):
+        m = keys == k
+        want = np.linalg.solve(x[m].T @ x[m] + 0.5 * np.eye(3), x[m].T @ y[m]) if m.any() else keep[k]
+        assert got[k] == pytest.approx(want, abs=1e-10), k
+
+
+def _valid_ratings(proto, users):
+    from ckf_dist.cf.train import _split_ratings
+    return _split_ratings(proto, 1, users)
+
+
+def test_rating_loss_tables_score_the_predicted_rating(proto):
+    """cf.loss: rating: the tables are d + 2 wide and u . v + mean is the fitted rating; the penalty
+    kept is the one with the lowest validation RMSE, which beats the item means', and cold users
+    (folded in on their history's ratings) beat the global mean on their validation targets."""
+    cfg = CFConfig(loss="rating", dim=4)
+    res = train_cf(proto, cfg, seed=4)
+    m = res.metrics
+    assert res.user.shape == (proto.n_users, 6) and res.item.shape == (proto.n_items, 6) and cfg.table_dim() == 6
+    assert res.user.dtype == np.float32 and np.isfinite(res.user).all()
+    assert (res.user[:, -1] == 1).all() and (res.item[:, -2] == 1).all()            # [p, b_u, 1] . [q, 1, b_i]
+    rmses = m["valid_rmse_warm"]
+    assert set(rmses) == {"2", "5", "10", "20"} and rmses[f"{m['reg']:g}"] == min(rmses.values())
+    warm_u, warm_i, warm_r = _valid_ratings(proto, np.flatnonzero(proto.warm))
+    pred = m["global_mean"] + (res.user[warm_u] * res.item[warm_i]).sum(-1)
+    assert np.sqrt(np.mean((pred - warm_r) ** 2)) == pytest.approx(min(rmses.values()), abs=1e-3)
+    tr_i, tr_r = proto.train_pairs[:, 1], proto.train_ratings
+    item_mean = np.bincount(tr_i, tr_r, proto.n_items) / np.maximum(np.bincount(tr_i, minlength=proto.n_items), 1)
+    assert min(rmses.values()) < 0.9 * np.sqrt(np.mean((item_mean[warm_i] - warm_r) ** 2))
+    cold_u, cold_i, cold_r = _valid_ratings(proto, np.flatnonzero(~proto.warm))
+    assert len(cold_u) > 0
+    cold_pred = m["global_mean"] + (res.user[cold_u] * res.item[cold_i]).sum(-1)
+    assert np.sqrt(np.mean((cold_pred - cold_r) ** 2)) < np.sqrt(np.mean((m["global_mean"] - cold_r) ** 2))
+    assert m["loss"] == "rating" and "test" in m and "cf" in m["test"]
+
+
+def test_rating_loss_refuses_lightgcn_and_bad_penalties():
+    with pytest.raises(ValueError, match="loss: 'rating' needs model 'mf'"):
+        CFConfig(model="lightgcn", loss="rating").validate()
+    with pytest.raises(ValueError, match="rating_regs"):
+        CFConfig(loss="rating", rating_regs=[0.0]).validate()
+    with pytest.raises(ValueError, match="loss: 'bpr' or 'rating'"):
+        CFConfig(loss="mse").validate()

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import pyarrow.parquet as pq
 import torch
 from conftest import make_checkpoint
 
@@ -77,7 +78,7 @@ def test_baselines_by_hand_on_a_toy_log():
 
 
 def test_rating_regressor_learns_a_low_rank_signal():
-    from ckf_dist.eval.baselines import RatingMF, SplitLog
+    from ckf_dist.eval.baselines import SplitLog, fit_rating_mf
 
     rng = np.random.default_rng(0)
     n_u, n_i = 120, 80
@@ -90,7 +91,7 @@ def test_rating_regressor_learns_a_low_rank_signal():
     warm = np.ones(n_u, bool)
     warm[:10] = False                                 # ten users folded in from their history
     log = SplitLog(users, items, rating, split, warm, n_u, n_i)
-    mf = RatingMF(dim=4, reg=1.0).fit(log)
+    mf = fit_rating_mf(log, dim=4, reg=1.0)
     test = split == 2
     err = mf.predict(users[test], items[test]) - rating[test]
     user_mean = np.array([rating[(users == u) & (split == 0)].mean() for u in users[test]])
@@ -162,7 +163,7 @@ def test_run_evaluate_end_to_end(prepared_dataset, tmp_path):
     assert (tmp_path / "eval" / "eval.png").stat().st_size > 1000
     assert saved["step"] == 4 and saved["dataset_fingerprint"]["cf_sha256"]
     assert set(saved["results"]) == {"ctr", "sequential", "rating", "review"}
-    assert set(saved["results"]["ctr"]) == {"ckf", "ckf-slots-removed", "mf", "popularity"}
+    assert set(saved["results"]["ctr"]) == {"ckf", "ckf-slots-removed", "mf", "popularity", "rating_mf"}
     assert set(saved["results"]["rating"]) >= {"ckf", "global_mean", "user_mean", "item_mean", "rating_mf"}
     rows = load_test_rows(prepared_dataset.url, 0, cfg.seed)
     for task, task_rows in rows.items():
@@ -188,8 +189,6 @@ def test_run_evaluate_end_to_end(prepared_dataset, tmp_path):
         assert math.isnan(got) if math.isnan(want) else got == pytest.approx(want)
 
     # the per-row files recompute the table's cells: same rows, every method's output, the groups
-    import pyarrow.parquet as pq
-
     for task, task_rows in rows.items():
         table = pq.read_table(tmp_path / "eval" / f"rows_{task}.parquet").to_pydict()
         assert sorted(table["sample_id"]) == sorted(int(r["sample_id"]) for r in task_rows)
@@ -308,3 +307,38 @@ def test_uauc_is_defined_under_the_temporal_split(tmp_path):
     # several ctr rows per user: the bootstrap resamples users, so n (rows) exceeds the users drawn
     users = {int(r["user"]) for r in load_test_rows(cfg.data.output, 0, 0)["ctr"]}
     assert cell["n"] > len(users)
+
+
+def test_rating_cf_dataset_prepares_trains_into_a_model_and_evaluates(tmp_path, capsys):
+    """cf.loss: rating end to end: prepare names the fit, the tables are d + 2 wide and feed the
+    bridge, and the evaluation scores ctr with the dataset's CF (``mf-rating``, u . v) beside the
+    rating regressor, on the same rows."""
+    from conftest import PreparedDataset, tiny_config
+
+    from ckf_dist.data import load_cf_tables
+    from ckf_dist.metrics import auc
+    from ckf_dist.stages.consolidate import consolidate
+    from ckf_dist.stages.prepare import run_prepare
+
+    cfg = tiny_config(tmp_path / "data")
+    cfg.cf.loss = "rating"
+    manifest = run_prepare(cfg, progress=True)
+    assert "rating loss, ALS, reg" in capsys.readouterr().out
+    assert manifest["cf"]["loss"] == "rating" and manifest["cf"]["dim"] == 10
+    cf = load_cf_tables(str(tmp_path / "data"))
+    assert cf["user"].shape[1] == cf["item"].shape[1] == 10
+
+    ref, _ = make_checkpoint(str(tmp_path / "ckpts"), PreparedDataset(str(tmp_path / "data"), manifest, cfg),
+                             randomize_bridge=True)
+    folder = consolidate(ref.url, tmp_path / "run", progress=False)
+    cfg.eval.users_per_task, cfg.eval.batch_size, cfg.eval.bootstrap, cfg.eval.min_group_rows = 0, 8, 50, 3
+    cfg.eval.lm_prior = False
+    report = run_evaluate(cfg, str(folder), out_dir=tmp_path / "eval", progress=False)
+    ctr = report["results"]["ctr"]
+    assert {"ckf", "mf-rating", "rating_mf", "popularity"} <= set(ctr)
+    assert len({ctr[m]["all"]["n"] for m in ctr}) == 1
+    rows = pq.read_table(tmp_path / "eval" / "rows_ctr.parquet").to_pydict()
+    users, items = np.array(rows["user"]), np.array(rows["item"])
+    uv = (cf["user"][users] * cf["item"][items]).sum(-1)
+    assert np.allclose(rows["score:mf-rating"], uv, atol=1e-5)
+    assert ctr["mf-rating"]["all"]["auc"]["value"] == pytest.approx(auc(rows["label"], uv))

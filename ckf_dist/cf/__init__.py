@@ -1,4 +1,4 @@
-"""ckf_dist.cf: the collaborative-filtering stage (MF/LightGCN with BPR), frozen embeddings and retrieval metrics."""
+"""ckf_dist.cf: the collaborative-filtering stage (MF/LightGCN with BPR, or a biased rating MF), frozen embeddings and retrieval metrics."""
 
 from ckf_dist.cf.train import CFResult, train_cf
 

@@ -1,5 +1,8 @@
 """Train the CF stage on the training split, stop early on validation AUC, fold in cold users.
 
+(``loss: rating`` instead fits a biased MF to the ratings by ALS and picks its penalty on the
+validation RMSE; see :func:`_train_rating`. The rest of this docstring is about BPR.)
+
 Cold users are never trained on. Their CF user embedding is *folded in*: with the item
 table frozen, a user vector is fitted by BPR on the items of the user's log before the
 first validation target (its known history, the part a deployed system would already know);
@@ -19,6 +22,7 @@ import torch
 from ckf_dist.cf.config import CFConfig
 from ckf_dist.cf.metrics import auc_items, evaluate_scores, per_user_auc, popularity_scores
 from ckf_dist.cf.models import MF, LightGCN, bpr_loss
+from ckf_dist.cf.rating import BiasedMF
 from ckf_dist.data.protocol import Protocol
 
 FOLD_IN_STEPS = 200
@@ -95,9 +99,66 @@ def single_thread():
 
 
 def train_cf(proto: Protocol, cfg: CFConfig, seed: int, progress: bool = False) -> CFResult:
-    """Fit MF or LightGCN with BPR on ``proto.train_pairs``; return tables and metrics."""
+    """Fit MF or LightGCN with BPR (or a biased MF on the ratings, ``loss: rating``) on
+    ``proto.train_pairs``; return tables and metrics."""
+    if cfg.loss == "rating":
+        return _train_rating(proto, cfg, seed, progress)
     with single_thread():
         return _train_cf(proto, cfg, seed, progress)
+
+
+def _split_ratings(proto: Protocol, code: int, users: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user, item, rating) of the interactions labelled ``code`` (0 history, 1 valid) of ``users``."""
+    u, i, r = [], [], []
+    for x in users.tolist():
+        pos = np.flatnonzero(proto.seq_split[x] == code)
+        u.append(np.full(len(pos), x, dtype=np.int64))
+        i.append(proto.seqs[x][pos])
+        r.append(np.asarray(proto.seq_ratings[x], dtype=np.float64)[pos])
+    empty = np.zeros(0, dtype=np.int64)
+    return (np.concatenate(u) if u else empty, np.concatenate(i) if i else empty,
+            np.concatenate(r) if r else np.zeros(0))
+
+
+def _train_rating(proto: Protocol, cfg: CFConfig, seed: int, progress: bool) -> CFResult:
+    """Biased MF on the training ratings by ALS, one fit per ``rating_regs`` penalty; the fit with
+    the lowest RMSE on the warm users' validation targets is kept. Cold users are folded in on the
+    ratings of their pre-validation history (one ridge solve, item side frozen)."""
+    start = time.perf_counter()
+    pairs, ratings = proto.train_pairs, proto.train_ratings.astype(np.float64)
+    vu, vi, vr = _split_ratings(proto, 1, np.flatnonzero(proto.warm))
+    fits = {}
+    for reg in cfg.rating_regs:
+        mf = BiasedMF(cfg.dim, reg, cfg.als_iters, seed).fit(pairs[:, 0], pairs[:, 1], ratings, proto.n_users, proto.n_items)
+        rmse = float(np.sqrt(np.mean((mf.predict(vu, vi) - vr) ** 2))) if len(vr) else float("nan")
+        fits[reg] = (rmse, mf)
+        if progress:
+            print(f"  cf mf (rating loss) reg {reg:g}  valid RMSE (warm) {rmse:.4f}", flush=True)
+    reg = min(fits, key=lambda k: (np.nan_to_num(fits[k][0], nan=np.inf), k))
+    mf = fits[reg][1]
+    cold = np.flatnonzero(~proto.warm)
+    mf.fold_in(*_split_ratings(proto, 0, cold))
+    user, item = mf.tables()
+    metrics = {
+        "model": "mf", "loss": "rating", "dim": cfg.dim, "table_dim": user.shape[1], "global_mean": round(mf.mu, 4),
+        "reg": reg, "valid_rmse_warm": {f"{k:g}": round(v[0], 4) for k, v in fits.items()},
+        "train_seconds": round(time.perf_counter() - start, 2),
+        "cold_user_embedding": "fold-in: ridge fit of the user vector and bias on its pre-validation ratings, item table frozen",
+        "negatives": cfg.eval_negatives,
+    }
+    _retrieval_metrics(metrics, proto, cfg, seed, user, item)
+    return CFResult(user, item, metrics)
+
+
+def _retrieval_metrics(metrics: dict, proto: Protocol, cfg: CFConfig, seed: int, user: np.ndarray, item: np.ndarray,
+                       valid_auc_set=None) -> None:
+    """Sampled-negative AUC and HR/NDCG over the candidates of ``u . v`` and popularity, valid and test."""
+    ks = [k for k in cfg.ks if k <= max((len(c) for c in proto.candidates["valid"]), default=0)]
+    for split in ("valid", "test"):
+        auc_set = valid_auc_set if split == "valid" and valid_auc_set is not None else \
+            auc_items(proto, split, cfg.eval_negatives, seed)
+        metrics[split] = {"cf": evaluate_scores(_scorer(user, item), proto, split, auc_set, ks),
+                          "popularity": evaluate_scores(popularity_scores(proto), proto, split, auc_set, ks)}
 
 
 def _train_cf(proto: Protocol, cfg: CFConfig, seed: int, progress: bool) -> CFResult:
@@ -162,14 +223,10 @@ def _train_cf(proto: Protocol, cfg: CFConfig, seed: int, progress: bool) -> CFRe
     cold = np.flatnonzero(~warm)
     user[cold] = fold_in(V_t, [proto.seqs[x][:proto.n_history(x)].tolist() for x in cold], cfg.dim, cfg, seed)
     metrics = {
-        "model": cfg.model, "dim": cfg.dim, "best_epoch": best_epoch, "epochs_run": epoch,
+        "model": cfg.model, "loss": "bpr", "dim": cfg.dim, "best_epoch": best_epoch, "epochs_run": epoch,
         "best_valid_auc_warm": round(best, 4), "train_seconds": round(time.perf_counter() - start, 2),
         "cold_user_embedding": "fold-in: BPR fit of the user vector on its pre-validation items, item table frozen",
         "negatives": cfg.eval_negatives,
     }
-    ks = [k for k in cfg.ks if k <= max((len(c) for c in proto.candidates["valid"]), default=0)]
-    for split in ("valid", "test"):
-        auc_set = valid_auc_set if split == "valid" else auc_items(proto, split, cfg.eval_negatives, seed)
-        metrics[split] = {"cf": evaluate_scores(_scorer(user, item), proto, split, auc_set, ks),
-                          "popularity": evaluate_scores(popularity_scores(proto), proto, split, auc_set, ks)}
+    _retrieval_metrics(metrics, proto, cfg, seed, user, item, valid_auc_set)
     return CFResult(user, item, metrics)

@@ -6,12 +6,14 @@ target, 2 = test target). "Training" means the history part of warm users (what 
 and the LLM were trained on); users held out of training ("unseen") still have a known
 history, which a deployed system would use at test time and which the baselines use too.
 
-- ctr: the CF model's score ``u . v`` and the item's training popularity, of each row's
-  (user, item) pair; AUC over the like labels, exactly as the LLM's P(Yes).
+- ctr: the CF model's score ``u . v``, the item's training popularity and the biased MF rating
+  regressor's predicted rating (below) of each row's (user, item) pair; AUC over the like
+  labels, exactly as the LLM's P(Yes). The rating regressor is the CTR baseline a plain
+  recommender would deploy: it is trained on the ratings the like labels are cut from.
 - sequential: the same candidate lists ranked by ``u . v`` and by popularity.
 - rating: global mean, user mean (over the user's known history), item mean (training; the
   global mean for an item never rated) and a biased matrix-factorisation regressor (ALS,
-  :class:`RatingMF`), each row's (user, item) pair.
+  :func:`fit_rating_mf`), each row's (user, item) pair.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from ckf_dist.cf.rating import BiasedMF
 
 SPLIT_HISTORY, SPLIT_VALID, SPLIT_TEST = 0, 1, 2
 
@@ -57,63 +61,17 @@ class SplitLog:
         return np.bincount(self.item[self.training], minlength=self.n_items)
 
 
-class RatingMF:
-    """Biased matrix factorisation for ratings, fitted by alternating ridge regressions (ALS).
-
-    ``r(u, i) = mu + b_u + b_i + p_u . q_i``; ``fit`` on the training interactions, then the
-    vector and bias of each user held out of training are folded in by one ridge solve on
-    its known history with the item side frozen (as the CF stage folds in its user vectors).
-    Deterministic given the seed.
-    """
-
-    def __init__(self, dim: int = 8, reg: float = 5.0, iters: int = 12, seed: int = 0):
-        self.dim, self.reg, self.iters, self.seed = dim, reg, iters, seed
-
-    @staticmethod
-    def _solve(groups, other_f, other_b, target, reg, out_f, out_b):
-        """For every id: ridge fit of [f, b] on features [other_f, 1] against ``target - other_b``."""
-        d = other_f.shape[1]
-        penalty = reg * np.eye(d + 1)
-        for x, (idx, j) in groups.items():
-            a = np.concatenate([other_f[j], np.ones((len(j), 1))], axis=1)
-            y = target[idx] - other_b[j]
-            w = np.linalg.solve(a.T @ a + penalty, a.T @ y)
-            out_f[x], out_b[x] = w[:d], w[d]
-
-    def fit(self, log: SplitLog) -> "RatingMF":
-        m = log.training
-        u, i, r = log.user[m], log.item[m], log.rating[m]
-        rng = np.random.default_rng([self.seed, 57])
-        self.mu = float(r.mean()) if len(r) else 3.0
-        self.P = rng.normal(0, 0.1, (log.n_users, self.dim))
-        self.Q = rng.normal(0, 0.1, (log.n_items, self.dim))
-        self.bu, self.bi = np.zeros(log.n_users), np.zeros(log.n_items)
-        by_user = _groups(u, i)
-        by_item = _groups(i, u)
-        centred = r - self.mu
-        for _ in range(self.iters):
-            self._solve(by_user, self.Q, self.bi, centred, self.reg, self.P, self.bu)
-            self._solve(by_item, self.P, self.bu, centred, self.reg, self.Q, self.bi)
-        held = log.history & ~log.warm[log.user]       # users held out: fold in on their history
-        if held.any():
-            self._solve(_groups(log.user[held], log.item[held]), self.Q, self.bi,
-                        log.rating[held] - self.mu, self.reg, self.P, self.bu)
-        return self
-
-    def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        return self.mu + self.bu[users] + self.bi[items] + (self.P[users] * self.Q[items]).sum(-1)
-
-
-def _groups(keys: np.ndarray, other: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """``{key: (positions, other ids)}`` of the rows of each key."""
-    order = np.argsort(keys, kind="stable")
-    ks = keys[order]
-    cuts = np.flatnonzero(np.diff(ks)) + 1
-    out = {}
-    for part in np.split(order, cuts):
-        if len(part):
-            out[int(keys[part[0]])] = (part, other[part])
-    return out
+def fit_rating_mf(log: SplitLog, dim: int = 8, reg: float = 5.0, seed: int = 0) -> BiasedMF:
+    """The biased MF rating regressor (:class:`ckf_dist.cf.rating.BiasedMF`, ALS) fitted on the
+    training interactions; then the vector and bias of each user held out of training are folded
+    in by one ridge solve on its known history with the item side frozen (as the CF stage folds in
+    its user vectors)."""
+    m = log.training
+    mf = BiasedMF(dim=dim, reg=reg, seed=seed).fit(log.user[m], log.item[m], log.rating[m], log.n_users, log.n_items)
+    held = log.history & ~log.warm[log.user]
+    if held.any():
+        mf.fold_in(log.user[held], log.item[held], log.rating[held])
+    return mf
 
 
 @dataclass
@@ -127,7 +85,7 @@ class Baselines:
     global_mean: float
     user_mean: np.ndarray
     item_mean: np.ndarray
-    rating_mf: RatingMF
+    rating_mf: BiasedMF
     rating_range: tuple[float, float]
 
     @classmethod
@@ -143,7 +101,7 @@ class Baselines:
             item_mean = np.where(n_item > 0, s_item / np.maximum(n_item, 1), glob)
         scale = (float(log.rating.min()), float(log.rating.max())) if len(log.rating) else (1.0, 5.0)
         return cls(cf_name, cf_user, cf_item, n_item.astype(np.float64), glob, user_mean, item_mean,
-                   RatingMF(seed=seed).fit(log), scale)
+                   fit_rating_mf(log, seed=seed), scale)
 
     def cf_scores(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """``u . v`` for pairs (``items`` [n]) or candidate lists (``items`` [n, C])."""
@@ -152,7 +110,8 @@ class Baselines:
         return (u * v).sum(-1) if v.ndim == 2 else np.einsum("nd,ncd->nc", u, v)
 
     def ctr(self, users: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
-        return {self.cf_name: self.cf_scores(users, items), "popularity": self.popularity[items]}
+        return {self.cf_name: self.cf_scores(users, items), "popularity": self.popularity[items],
+                "rating_mf": self.rating_mf.predict(users, items)}
 
     def sequential(self, users: np.ndarray, cands: np.ndarray) -> dict[str, np.ndarray]:
         safe = np.maximum(cands, 0)

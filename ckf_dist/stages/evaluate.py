@@ -45,7 +45,8 @@ METHOD_NOTES = {
     "lm-prior": "the untuned backbone's likelihood of each candidate (text prompts, no adapters)",
     "popularity": "training interactions of the item",
     "global_mean": "mean training rating", "user_mean": "mean of the user's known ratings",
-    "item_mean": "mean training rating of the item", "rating_mf": "biased MF rating regressor (ALS)",
+    "item_mean": "mean training rating of the item",
+    "rating_mf": "biased MF rating regressor (ALS); ctr: its predicted rating as the score",
 }
 
 
@@ -132,7 +133,8 @@ def run_evaluate(cfg, run: str, out_dir: str | Path | None = None, progress: boo
     cf_metrics = json.loads(read_dataset_file(url, "cf_metrics", manifest=manifest)) if "cf_metrics" in manifest["files"] else {}
     warm = _warm_flags(url, manifest)
     log = SplitLog.from_table(load_interactions_table(url, manifest=manifest), warm, int(manifest["n_items"]))
-    cf_name = manifest.get("cf", {}).get("model", "cf")
+    cf_info = manifest.get("cf", {})
+    cf_name = cf_info.get("model", "cf") + ("-rating" if cf_info.get("loss") == "rating" else "")
     base = Baselines.fit(log, cf["user"], cf["item"], cf_name, cfg.seed)
     user_hist, item_train = log.user_history_counts(), log.item_training_counts()
     masks = {t: group_masks(tr, warm, user_hist, item_train, e.cold_user_max, e.cold_item_max) for t, tr in trows.items()}
@@ -172,7 +174,8 @@ def run_evaluate(cfg, run: str, out_dir: str | Path | None = None, progress: boo
         for task, o in _score_llm(m2, stream, name, rows, trows, ctx, cfg, progress, timings).items():
             outputs[task][name] = o
         del m2
-    notes[cf_name] = f"the dataset's CF model ({cf_name}, u . v)"
+    notes[cf_name] = (f"the dataset's CF model ({cf_name}, u . v)" if cf_info.get("loss") != "rating" else
+                      f"the dataset's CF model (biased MF fitted to the ratings, u . v = predicted rating - mean)")
     t0 = time.perf_counter()
     results, diffs = {}, {}
     for task, tr in trows.items():

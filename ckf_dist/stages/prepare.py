@@ -69,7 +69,12 @@ def _rows_on_ray(cfg, proto: Protocol, writer: DatasetWriter, lease, progress: b
 
 
 def _metrics_lines(metrics: dict) -> list[str]:
-    lines = [f"  CF baseline ({metrics['model']}, d={metrics['dim']}, best epoch {metrics['best_epoch']}; sampled: "
+    if metrics.get("loss") == "rating":
+        reg = f"{metrics['reg']:g}"
+        fit = f"rating loss, ALS, reg {reg}, valid RMSE {metrics['valid_rmse_warm'][reg]:.4f}"
+    else:
+        fit = f"best epoch {metrics['best_epoch']}"
+    lines = [f"  CF baseline ({metrics['model']}, d={metrics['dim']}, {fit}; sampled: "
              f"AUC vs {metrics['negatives']} negatives, HR/NDCG over the sequential candidates)"]
     for split in ("valid", "test"):
         for who in ("cf", "popularity"):
@@ -176,7 +181,8 @@ def _prepare(cfg, overwrite: bool, progress: bool, lease) -> dict:
         "users": {"warm": int(proto.warm.sum()), "cold": int((~proto.warm).sum())},
         "counts": task_counts,
         "answer_tokens": builder.answer_tokens(),
-        "cf": {"path": "cf/embeddings.safetensors", "model": cfg.cf.model, "dim": cfg.cf.dim, "metrics": cf.metrics},
+        "cf": {"path": "cf/embeddings.safetensors", "model": cfg.cf.model, "loss": cfg.cf.loss, "dim": int(cf.user.shape[1]),
+               "metrics": cf.metrics},
         "protocol": st,
         "files": files,
         "stages": stages.summary(),                # time and peak memory per stage (not part of the data)

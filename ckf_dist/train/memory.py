@@ -127,7 +127,7 @@ def count_model(cfg, n_users: int, n_items: int) -> ModelCounts:
     model_cfg.gradient_checkpointing = False
     with torch.device("meta"):
         backbone = AutoModelForCausalLM.from_config(config)
-        d = cfg.cf.dim
+        d = cfg.cf.table_dim()
         model = build_ckf_model(model_cfg, backbone.requires_grad_(False),
                                 torch.zeros(max(n_users, 1), d), torch.zeros(max(n_items, 1), d))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

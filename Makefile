@@ -36,6 +36,7 @@ bench: setup
 	$(BIN)/python bench/multilora.py
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/eval_scoring.py
+	$(BIN)/python bench/cf_rating.py
 
 clean-runs:
 	rm -rf runs

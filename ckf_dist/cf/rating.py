@@ -3,8 +3,8 @@
 ``r(u, i) = mu + b_u + b_i + p_u . q_i``. Each half-step solves, for every user (then every
 item), the ridge regression of ``[p, b]`` on the other side's features ``[q, 1]`` against
 ``r - mu - b_other``, with the penalty ``reg * I`` on both the vector and the bias. The normal
-equations of a whole block of ids are summed with ``np.add.reduceat`` over the rows sorted by id
-and solved at once, so a half-step costs O(rows x d^2) in numpy, not a Python loop per id.
+equations of a block of ids are summed by ``np.bincount`` and solved at once, so a half-step
+costs O(rows x d^2) in numpy, not a Python loop per id.
 
 Used twice: as the CF stage's model when ``cf.loss: rating`` (its tables, augmented so that
 ``u . v = r - mu``, feed the bridge) and as the evaluation's rating and CTR baseline.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-KEYS_PER_BLOCK = 4096       # ids whose normal equations are stacked and solved at once
+KEYS_PER_BLOCK = 65536      # ids whose normal equations are held and solved at once (memory: ids x d^2)
 
 
 def ridge_by_key(keys: np.ndarray, feats: np.ndarray, target: np.ndarray, n_keys: int, reg: float,
@@ -22,23 +22,32 @@ def ridge_by_key(keys: np.ndarray, feats: np.ndarray, target: np.ndarray, n_keys
     """Per id ``k``: ``argmin_w sum_{rows of k} (feats . w - target)^2 + reg |w|^2``.
 
     Returns ``[n_keys, feats.shape[1]]``; ids without a row keep ``out``'s row (zeros when no
-    ``out`` is given).
+    ``out`` is given). Each entry of the ids' normal equations is one ``np.bincount`` over the
+    rows of a block of ids (``d (d + 1) / 2`` of them for the Gram matrices), and the block's
+    systems are solved at once: memory is bounded by ``KEYS_PER_BLOCK`` ids and the rows, whatever
+    the number of rows of one id.
     """
     d = feats.shape[1]
     out = np.zeros((n_keys, d)) if out is None else out
     if not len(keys):
         return out
     order = np.argsort(keys, kind="stable")
-    k, x, y = keys[order], feats[order], target[order]
-    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+    k = keys[order]
+    upper = np.triu_indices(d)
     penalty = reg * np.eye(d)
-    for lo in range(0, len(starts), KEYS_PER_BLOCK):
-        s = starts[lo:lo + KEYS_PER_BLOCK]
-        end = starts[lo + KEYS_PER_BLOCK] if lo + KEYS_PER_BLOCK < len(starts) else len(k)
-        xs, ys, seg = x[s[0]:end], y[s[0]:end], s - s[0]
-        gram = np.add.reduceat(xs[:, :, None] * xs[:, None, :], seg) + penalty
-        rhs = np.add.reduceat(xs * ys[:, None], seg)
-        out[k[s]] = np.linalg.solve(gram, rhs[..., None])[..., 0]
+    for lo in range(0, int(k[-1]) + 1, KEYS_PER_BLOCK):
+        a, b = np.searchsorted(k, [lo, lo + KEYS_PER_BLOCK])
+        if a == b:
+            continue
+        rows, local = order[a:b], k[a:b] - lo
+        x, y = feats[rows], target[rows]
+        n = min(KEYS_PER_BLOCK, n_keys - lo)
+        gram = np.empty((n, d, d))
+        for i, j in zip(*upper):
+            gram[:, i, j] = gram[:, j, i] = np.bincount(local, x[:, i] * x[:, j], minlength=n)
+        rhs = np.stack([np.bincount(local, x[:, i] * y, minlength=n) for i in range(d)], axis=1)
+        has = np.bincount(local, minlength=n) > 0
+        out[lo:lo + n][has] = np.linalg.solve(gram[has] + penalty, rhs[has][..., None])[..., 0]
     return out
 
 

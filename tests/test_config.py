@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ckf_dist.config import CKFConfig, ConfigError, config_from_dict, dump_config, load_config
@@ -111,3 +113,14 @@ def test_dump_round_trips():
 
     again = config_from_dict(yaml.safe_load(dump_config(cfg)))
     assert again == cfg
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_its_study_variants_apply(path):
+    """A typo in a shipped config (a key, a type, a value out of range, a study variant's
+    override) fails here rather than in a user's first run."""
+    from ckf_dist.stages.study import variant_config
+
+    cfg = load_config(path)
+    for name, overrides in (cfg.study.variants or {}).items():
+        variant_config(cfg, name, overrides)

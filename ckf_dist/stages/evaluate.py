@@ -46,7 +46,7 @@ METHOD_NOTES = {
     "popularity": "training interactions of the item",
     "global_mean": "mean training rating", "user_mean": "mean of the user's known ratings",
     "item_mean": "mean training rating of the item",
-    "rating_mf": "biased MF rating regressor (ALS); ctr: its predicted rating as the score",
+    "rating_mf": "biased MF rating regressor (ALS; for ctr, its predicted rating is the score)",
 }
 
 

@@ -34,7 +34,7 @@ def synthetic(n_users: int, per_user: int, n_items: int, dim: int, seed: int):
     return users, items, np.clip(np.round(rating), 1, 5)
 
 
-def naive_half_step(keys, feats, target, n_keys, reg, sample):
+def naive_half_step(keys, feats, target, reg, sample):
     """One ridge solve per id, for the ids in ``sample`` (the path a per-id loop takes)."""
     order = np.argsort(keys, kind="stable")
     k = keys[order]
@@ -79,7 +79,7 @@ def main() -> None:
     sample = np.random.default_rng(1).choice(args.users, min(args.naive_users, args.users), replace=False)
     sample.sort()
     t0 = time.perf_counter()
-    naive_half_step(users, feats, target, args.users, 10.0, sample)
+    naive_half_step(users, feats, target, 10.0, sample)
     naive = (time.perf_counter() - t0) * args.users / len(sample)
     print(f"one user half-step: stacked {stacked:.2f} s, one solve per id {naive:.2f} s "
           f"(timed on {len(sample):,} users, scaled): {naive / stacked:.1f}x")

@@ -134,7 +134,8 @@ def run_evaluate(cfg, run: str, out_dir: str | Path | None = None, progress: boo
     warm = _warm_flags(url, manifest)
     log = SplitLog.from_table(load_interactions_table(url, manifest=manifest), warm, int(manifest["n_items"]))
     cf_info = manifest.get("cf", {})
-    cf_name = cf_info.get("model", "cf") + ("-rating" if cf_info.get("loss") == "rating" else "")
+    rating_cf = cf_info.get("loss") == "rating"
+    cf_name = cf_info.get("model", "cf") + ("-rating" if rating_cf else "")
     base = Baselines.fit(log, cf["user"], cf["item"], cf_name, cfg.seed)
     user_hist, item_train = log.user_history_counts(), log.item_training_counts()
     masks = {t: group_masks(tr, warm, user_hist, item_train, e.cold_user_max, e.cold_item_max) for t, tr in trows.items()}
@@ -174,8 +175,8 @@ def run_evaluate(cfg, run: str, out_dir: str | Path | None = None, progress: boo
         for task, o in _score_llm(m2, stream, name, rows, trows, ctx, cfg, progress, timings).items():
             outputs[task][name] = o
         del m2
-    notes[cf_name] = (f"the dataset's CF model ({cf_name}, u . v)" if cf_info.get("loss") != "rating" else
-                      f"the dataset's CF model (biased MF fitted to the ratings, u . v = predicted rating - mean)")
+    notes[cf_name] = ("the dataset's CF model (biased MF fitted to the ratings, u . v = predicted rating - mean)"
+                      if rating_cf else f"the dataset's CF model ({cf_name}, u . v)")
     t0 = time.perf_counter()
     results, diffs = {}, {}
     for task, tr in trows.items():

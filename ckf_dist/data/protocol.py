@@ -246,7 +246,12 @@ def _index(log: Interactions, cfg: DataConfig, seed: int) -> tuple:
     order = order[np.sort(first)]
     del key
     k = cfg.kcore
-    keep = kcore(u[order], i[order], k)
+    if cfg.engine == "ray":                                           # on the cluster prepare joined
+        from ckf_dist.data.ray_stages import kcore_on_ray
+
+        keep, _ = kcore_on_ray(u[order], i[order], k, blocks=4 * cfg.ray_workers)
+    else:
+        keep = kcore(u[order], i[order], k)
     order = order[keep]
     if len(order) == 0:
         raise DataError(f"{log.source}: nothing left after {k}-core filtering of {len(sel)} interactions"

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -33,27 +34,47 @@ def _engine_line(d) -> str:
     return f"ray, {d.ray_workers} workers" if d.engine == "ray" else "local"
 
 
-def _rows_on_ray(cfg, proto: Protocol, writer: DatasetWriter, lease, progress: bool) -> int:
-    """Build and write the shards on ``data.ray_workers`` Ray actors (joining ``data.ray_address``,
-    or a local cluster started here); entries come back in manifest order. Returns the largest
-    peak RSS of the workers, in bytes."""
-    import ray
-    from ray.util import ActorPool
-
+@contextlib.contextmanager
+def ray_session(cfg, progress: bool):
+    """Ray for ``data.engine: ray``: joins ``data.ray_address``, or starts a local cluster with one
+    logical CPU per row-building worker plus headroom (Ray waits forever when every CPU is held);
+    a session started here is shut down on exit. Nothing for the local engine."""
     d = cfg.data
+    if d.engine != "ray":
+        yield
+        return
+    import ray
+
     started = not ray.is_initialized()
     if started:
         env = {k: os.environ[k] for k in cfg.train.forward_env if k in os.environ}
         if d.ray_address:
             ray.init(address=d.ray_address, runtime_env={"env_vars": env}, log_to_driver=True)
-        else:   # one logical CPU per worker plus headroom (Ray waits forever when every CPU is held)
+        else:
             ray.init(num_cpus=d.ray_workers + 2, include_dashboard=False, log_to_driver=True,
                      runtime_env={"env_vars": env})
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = progress
     try:
-        ref = ray.put(slim(proto))
-        actor = ray.remote(num_cpus=1)(ShardBuilder)
-        workers = [actor.remote(ref, d.tokenizer, d.output, d.max_title_chars, d.max_review_tokens, d.max_length)
-                   for _ in range(d.ray_workers)]
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _rows_on_ray(cfg, proto: Protocol, writer: DatasetWriter, lease, progress: bool) -> int:
+    """Build and write the shards on ``data.ray_workers`` Ray actors (inside :func:`ray_session`);
+    entries come back in manifest order. Returns the largest peak RSS of the workers, in bytes."""
+    import ray
+    from ray.util import ActorPool
+
+    d = cfg.data
+    ref = ray.put(slim(proto))
+    actor = ray.remote(num_cpus=1)(ShardBuilder)
+    workers = [actor.remote(ref, d.tokenizer, d.output, d.max_title_chars, d.max_review_tokens, d.max_length)
+               for _ in range(d.ray_workers)]
+    try:
         jobs = shard_plan(proto, cfg.seed, d.shard_rows)
         results = ActorPool(workers).map(lambda w, job: w.write.remote(job), jobs)     # in job order
         entries = []
@@ -63,9 +84,8 @@ def _rows_on_ray(cfg, proto: Protocol, writer: DatasetWriter, lease, progress: b
         writer.add_shards(entries)
         return max(ray.get([w.peak_rss.remote() for w in workers]))
     finally:
-        if started:
-            ray.shutdown()
-
+        for w in workers:                          # on a joined cluster they would outlive the run
+            ray.kill(w)
 
 
 def _metrics_lines(metrics: dict) -> list[str]:
@@ -118,7 +138,7 @@ def run_prepare(cfg, overwrite: bool = False, progress: bool = True) -> dict:
     from ckf_dist.lease import Lease
 
     preflight(cfg.data.output, overwrite)          # reachable, no finished dataset: before taking the lease
-    with Lease(cfg.data.output, "ckf prepare") as lease:
+    with Lease(cfg.data.output, "ckf prepare") as lease, ray_session(cfg, progress):
         return _prepare(cfg, overwrite, progress, lease)
 
 

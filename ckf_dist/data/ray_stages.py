@@ -1,0 +1,91 @@
+"""Protocol stages on Ray Data (``data.engine: ray``): the k-core filter as iterated group-by counts.
+
+k-core filtering keeps the largest set of interactions in which every user and every item has
+at least ``k`` of them. It is unique, so any order of removals that stops at a fixed point
+gives the same set; this module reaches it the way a cluster does, and the local
+:func:`ckf_dist.data.protocol.kcore` (``np.bincount`` rounds) the way one machine does.
+
+Each round on Ray Data:
+
+1. rows per user and per item over the interactions still kept: each block counts its own
+   distinct users and items where it lives (a map-side combine, ``np.unique``), and the driver
+   adds the partial counts as they stream in, into two dense arrays, one entry per user and per
+   item (memory grows with users + items, never with interactions);
+2. the arrays go to the object store once, and a ``map_batches`` filter drops every row whose
+   user or item has fewer than ``k``; the result is materialized (the next round starts from
+   it, not from the whole lineage);
+3. the rounds stop when a filter drops nothing.
+
+Only the row numbers of the kept interactions come back at the end (8 bytes each).
+
+Why not ``Dataset.groupby(...).count()``: its hash shuffle starts aggregator actors for every
+group-by, two per round. On 20,000 interactions on 2 cores (3 rounds) it took 61 s against
+5.4 s for the combine above, with the same result.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+
+def _keep_rows(batch: dict, user_counts, item_counts, k: int) -> dict:
+    """The rows of ``batch`` whose user and item both have >= k interactions (the counts arrive as
+    object references: a read from the worker's object store, zero-copy)."""
+    import ray
+
+    user_counts, item_counts = ray.get([user_counts, item_counts])
+    keep = (user_counts[batch["u"]] >= k) & (item_counts[batch["i"]] >= k)
+    return {name: col[keep] for name, col in batch.items()}
+
+
+def _partial_counts(batch: dict) -> dict:
+    """Map-side combine: this batch's distinct users and items with their row counts."""
+    u, uc = np.unique(batch["u"], return_counts=True)
+    i, ic = np.unique(batch["i"], return_counts=True)
+    return {"kind": np.r_[np.zeros(len(u), np.int8), np.ones(len(i), np.int8)], "id": np.r_[u, i],
+            "n": np.r_[uc, ic].astype(np.int64)}
+
+
+def _dense_counts(ds, n_users: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows per user and per item: each block's counts are combined where the block lives, and
+    the driver adds the partial counts as they stream in (into two dense arrays)."""
+    out = (np.zeros(n_users, dtype=np.int64), np.zeros(n_items, dtype=np.int64))
+    partial = ds.map_batches(_partial_counts, batch_format="numpy", batch_size=None)
+    for batch in partial.iter_batches(batch_format="numpy", batch_size=1 << 16):
+        for kind in (0, 1):
+            sel = batch["kind"] == kind
+            np.add.at(out[kind], batch["id"][sel], batch["n"][sel])
+    return out
+
+
+def kcore_on_ray(users: np.ndarray, items: np.ndarray, k: int, blocks: int = 8) -> tuple[np.ndarray, int]:
+    """Boolean mask of the interactions kept by k-core filtering, computed on the current Ray
+    cluster (``ray.init`` first); the same mask as :func:`ckf_dist.data.protocol.kcore`.
+    Returns (mask, rounds)."""
+    import ray
+
+    users = np.asarray(users)
+    items = np.asarray(items)
+    n = len(users)
+    if n == 0:
+        return np.zeros(0, dtype=bool), 0
+    n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
+    table = pa.table({"row": pa.array(np.arange(n, dtype=np.int64)), "u": pa.array(users.astype(np.int32)),
+                      "i": pa.array(items.astype(np.int32))})
+    step = -(-n // max(1, min(blocks, n)))
+    ds = ray.data.from_arrow([table.slice(s, step) for s in range(0, n, step)]).materialize()
+    kept, rounds = n, 0
+    while True:
+        rounds += 1
+        uc, ic = (ray.put(c) for c in _dense_counts(ds, n_users, n_items))
+        ds = ds.map_batches(_keep_rows, fn_kwargs={"user_counts": uc, "item_counts": ic, "k": k},
+                            batch_format="numpy", zero_copy_batch=True).materialize()
+        now = ds.count()
+        if now == kept or now == 0:
+            break
+        kept = now
+    mask = np.zeros(n, dtype=bool)
+    for batch in ds.select_columns(["row"]).iter_batches(batch_format="numpy", batch_size=1 << 20):
+        mask[batch["row"]] = True
+    return mask, rounds

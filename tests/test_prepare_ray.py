@@ -90,3 +90,68 @@ def test_kcore_on_ray_data_is_the_local_kcore():
         assert not empty.any()
     finally:
         ray.shutdown()
+
+
+def _same_table(a, b) -> None:
+    import numpy as np
+
+    for col in ("user", "item", "ratings", "timestamps"):
+        np.testing.assert_array_equal(getattr(a, col), getattr(b, col), err_msg=col)
+    assert a.user_ids == b.user_ids and a.item_ids == b.item_ids and a.titles == b.titles
+    assert a.texts.to_pylist() == b.texts.to_pylist()
+    assert a.bad.report() == b.bad.report()
+
+
+def test_log_parsed_by_ray_tasks_is_the_local_log(tmp_path, monkeypatch):
+    """``data.engine: ray`` parses a review file in chunks of raw lines on Ray tasks (7 lines per
+    chunk here): the table, the id codes, skipped records (counts and examples in file order),
+    and under ``bad_records: error`` the first bad record's file:line message are the local ones,
+    including when a truncated gzip stream ends the file after a bad record."""
+    import gzip as gz
+    import json as js
+
+    import ray
+
+    from ckf_dist.data import ray_stages
+    from ckf_dist.data.errors import BadRecords
+    from ckf_dist.data.sources import read_amazon, read_yelp
+
+    def review(k, **kw):
+        rec = {"reviewerID": f"U{k % 13}", "asin": f"B{k % 7}", "overall": 1.0 + k % 5, "unixReviewTime": 1000 + k,
+               "summary": f"s{k}" if k % 3 else "", "reviewText": f"text {k}"}
+        rec.update(kw)
+        return js.dumps(rec).encode()
+
+    lines = [review(k) for k in range(60)]
+    lines[9] = b'{"reviewerID": "U1", "asin": '                   # malformed, chunk 2
+    lines[23] = b'{"reviewerID": "\xff"}'                          # not utf-8, chunk 4
+    lines[24] = review(24, overall=9.0)                             # out of range, chunk 4
+    lines[40] = b"   "                                              # blank: not a record
+    lines[51] = js.dumps({"asin": "B1"}).encode()                   # missing field, chunk 8
+    path = tmp_path / "reviews_X.json.gz"
+    path.write_bytes(gz.compress(b"\n".join(lines) + b"\n"))
+    truncated = tmp_path / "reviews_T.json.gz"
+    data = gz.compress(b"\n".join(review(k, reviewText="x" * 300 + str(k)) for k in range(60)) + b"\n")
+    truncated.write_bytes(data[: len(data) * 3 // 4])                 # good lines, then a cut stream
+    yelp = tmp_path / "yelp"
+    yelp.mkdir()
+    (yelp / "review.json").write_text("".join(js.dumps({"user_id": f"u{k % 5}", "business_id": f"b{k % 4}", "stars": 1 + k % 5,
+                                                        "date": f"2019-01-{1 + k % 28:02d} 10:00:00", "text": f"t{k}"}) + "\n"
+                                              for k in range(30)) + '{"user_id": "u1", "business_id": "b1", "stars": 3, "date": "soon"}\n')
+    monkeypatch.setattr(ray_stages, "CHUNK_LINES", 7)
+    ray.init(num_cpus=3, include_dashboard=False)
+    try:
+        for source, first_error in ((path, ":10: malformed JSON"), (truncated, "truncated or corrupt compressed file")):
+            log = read_amazon(str(source), "", BadRecords("skip"), 2018, "ray")
+            _same_table(log, read_amazon(str(source), "", BadRecords("skip"), 2018))
+            assert 0 < len(log) < 60 and log.bad.skipped in (1, 4)
+            with pytest.raises(DataError) as local:
+                read_amazon(str(source), "", BadRecords(), 2018)
+            with pytest.raises(DataError) as on_ray:
+                read_amazon(str(source), "", BadRecords(), 2018, "ray")
+            assert str(on_ray.value) == str(local.value) and first_error in str(local.value)
+        _same_table(read_yelp(str(yelp), "", BadRecords("skip"), "ray"), read_yelp(str(yelp), "", BadRecords("skip")))
+        with pytest.raises(DataError, match=r"review\.json:31: field 'date': not a date"):
+            read_yelp(str(yelp), "", BadRecords(), "ray")
+    finally:
+        ray.shutdown()

@@ -44,6 +44,11 @@ class BadRecords:
         if len(self.examples) < self.MAX_EXAMPLES:
             self.examples.append(message)
 
+    def merge(self, other: "BadRecords") -> None:
+        """Add the counts and examples of records ``other`` skipped (later in the input than ours)."""
+        self.by_reason.update(other.by_reason)
+        self.examples += other.examples[:self.MAX_EXAMPLES - len(self.examples)]
+
     @property
     def skipped(self) -> int:
         return sum(self.by_reason.values())

@@ -42,11 +42,11 @@ def _load(cfg: DataConfig, seed: int) -> Interactions:
     if src == "movielens-1m":
         return read_movielens_raw(cfg.path, bad, "1m")
     if src == "amazon2014":
-        return read_amazon(cfg.path, cfg.meta_path, bad, 2014)
+        return read_amazon(cfg.path, cfg.meta_path, bad, 2014, cfg.engine)
     if src == "amazon2018":
-        return read_amazon(cfg.path, cfg.meta_path, bad, 2018)
+        return read_amazon(cfg.path, cfg.meta_path, bad, 2018, cfg.engine)
     if src == "yelp":
-        return read_yelp(cfg.path, cfg.meta_path, bad)
+        return read_yelp(cfg.path, cfg.meta_path, bad, cfg.engine)
     if src == "synthetic":
         return _synthetic(cfg, seed, bad)
     raise ValueError(f"data.source: unknown source {src!r}")
@@ -59,12 +59,12 @@ def _synthetic(cfg: DataConfig, seed: int, bad: BadRecords) -> Interactions:
         if not fs.exists(f"{p.rstrip('/')}/{REVIEWS_FILE}"):
             fs.makedirs(p, exist_ok=True)
             write_synthetic(cfg.path, **args)
-        table = read_amazon(cfg.path, "", bad, 2018)
+        table = read_amazon(cfg.path, "", bad, 2018, cfg.engine)
     else:
         folder = tempfile.mkdtemp(prefix="ckf-synthetic-")
         try:
             write_synthetic(folder, **args)
-            table = read_amazon(folder, "", bad, 2018)
+            table = read_amazon(folder, "", bad, 2018, cfg.engine)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     table.source = "synthetic"

@@ -192,14 +192,41 @@ class TableBuilder:
             self._text_chunks.append(pa.array(self._texts, pa.large_string()))
             self._texts = []
 
+    def extend(self, part: Interactions) -> None:
+        """Append the records of ``part`` (a :meth:`part` of later lines of the same file), as if
+        they had been added here one by one: its ids join the code maps in its first-seen order
+        (one lookup per distinct id, not per record) and its skipped records join the counts."""
+        before = len(self.user)
+        umap = np.array([self._users(name) for name in part.user_ids], dtype=np.int32)
+        imap = np.array([self._items(name) for name in part.item_ids], dtype=np.int32)
+        self.user.frombytes(umap[part.user].astype(np.int32).tobytes() if len(part) else b"")
+        self.item.frombytes(imap[part.item].astype(np.int32).tobytes() if len(part) else b"")
+        self.ratings.frombytes(part.ratings.astype(np.float32).tobytes())
+        self.times.frombytes(part.timestamps.astype(np.float64).tobytes())
+        if self.with_text:
+            self._flush_text()
+            if part.texts is not None and len(part.texts):
+                self._text_chunks.append(part.texts)
+        self.titles.update(part.titles)
+        self.bad.merge(part.bad)
+        if _PROGRESS.get() and len(self.user) // PROGRESS_EVERY > before // PROGRESS_EVERY:
+            self._report()
+
+    def part(self) -> Interactions:
+        """What was added so far as a (possibly empty) table, for :meth:`extend` elsewhere."""
+        return self._table()
+
     def build(self) -> Interactions:
         if not len(self.user):
             names = ", ".join(self.files) or self.source
             raise DataError(f"{names}: no usable interaction records (empty file, or every record was bad)")
+        return self._table()
+
+    def _table(self) -> Interactions:
         texts = None
         if self.with_text:
             self._flush_text()
-            texts = pa.concat_arrays(self._text_chunks)
+            texts = pa.concat_arrays(self._text_chunks) if self._text_chunks else pa.array([], pa.large_string())
             self._text_chunks = []
         return Interactions(
             source=self.source, user=np.frombuffer(self.user, dtype=np.int32).copy(),
@@ -219,6 +246,11 @@ def iter_lines(path: str, bad: BadRecords, encoding: str = "utf-8") -> Iterator[
     Missing and empty files are errors; a truncated/corrupt gzip stream and undecodable
     bytes are bad records (an error, or counted and skipped under the "skip" policy).
     """
+    return decode_lines(iter_raw_lines(path, bad), path, bad, encoding)
+
+
+def iter_raw_lines(path: str, bad: BadRecords) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw bytes) for each line of a (gzip) file; see :func:`iter_lines`."""
     try:
         f = fsspec.open(path, "rb", compression="infer").open()
     except FileNotFoundError:
@@ -226,7 +258,6 @@ def iter_lines(path: str, bad: BadRecords, encoding: str = "utf-8") -> Iterator[
     except Exception as exc:  # noqa: BLE001 - storage errors of many kinds
         raise DataError(f"{path}: cannot open ({type(exc).__name__}: {exc})") from None
     n = 0
-    seen_any = False
     with f:
         while True:
             try:
@@ -237,14 +268,19 @@ def iter_lines(path: str, bad: BadRecords, encoding: str = "utf-8") -> Iterator[
             if not raw:
                 break
             n += 1
-            seen_any = True
-            try:
-                text = raw.decode(encoding)
-            except UnicodeDecodeError as exc:
-                bad.bad("not_utf8", f"{where(path, n)}: bytes not valid {encoding} at offset {exc.start} ({raw[exc.start:exc.start + 4]!r})")
-                continue
-            text = text.rstrip("\r\n")
-            if text.strip():
-                yield n, text
-    if not seen_any:
+            yield n, raw
+    if not n:
         raise DataError(f"{path}: empty file (no records)")
+
+
+def decode_lines(lines, path: str, bad: BadRecords, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
+    """(line number, text without newline) of each raw line that decodes and is not blank."""
+    for n, raw in lines:
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError as exc:
+            bad.bad("not_utf8", f"{where(path, n)}: bytes not valid {encoding} at offset {exc.start} ({raw[exc.start:exc.start + 4]!r})")
+            continue
+        text = text.rstrip("\r\n")
+        if text.strip():
+            yield n, text

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import ast
 import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from fsspec.core import url_to_fs
 
 from ckf_dist.data.errors import BadRecords, DataError, where
-from ckf_dist.data.sources.base import Interactions, TableBuilder, iter_lines
+from ckf_dist.data.sources.base import Interactions, TableBuilder, decode_lines, iter_lines
 
 
 def parse_record(text: str, path: str, lineno: int, bad: BadRecords, literal_fallback: bool) -> dict | None:
@@ -76,22 +77,64 @@ def _text(value) -> str:
     return " ".join(str(value).split()) if value else ""
 
 
-def _add_reviews(b, path: str, bad: BadRecords, literal: bool, fields: tuple[str, str, str, str],
-                 text_fields: tuple[str, ...], parse_time) -> None:
-    """Add every good record of one review file to ``b``; ``fields`` names (user, item, rating, time),
-    ``text_fields`` the text fields in order of preference (the first non-empty one is kept)."""
-    user, item, rating, when = fields
-    for lineno, text in iter_lines(path, bad):
-        rec = parse_record(text, path, lineno, bad, literal)
-        if rec is None or not _required(rec, fields, path, lineno, bad):
+@dataclass(frozen=True)
+class ReviewFormat:
+    """Where a review dump keeps its fields: (user, item, rating, time) names, the text fields in
+    order of preference (the first non-empty one is kept), how time is written (``unix``
+    seconds or an ISO ``date``), and whether lines may be Python literals."""
+
+    fields: tuple[str, str, str, str]
+    text_fields: tuple[str, ...]
+    time: str = "unix"
+    literal: bool = False
+
+
+def amazon_format(year: int) -> ReviewFormat:
+    return ReviewFormat(("reviewerID", "asin", "overall", "unixReviewTime"), ("summary", "reviewText"), "unix", year == 2014)
+
+
+YELP_FORMAT = ReviewFormat(("user_id", "business_id", "stars", "date"), ("text",), "date")
+
+
+def add_review_lines(b: TableBuilder, lines, path: str, fmt: ReviewFormat) -> None:
+    """Add every good record among ``lines`` ((line number, text) of ``path``) to ``b``."""
+    user, item, rating, when = fmt.fields
+    bad = b.bad
+    for lineno, text in lines:
+        rec = parse_record(text, path, lineno, bad, fmt.literal)
+        if rec is None or not _required(rec, fmt.fields, path, lineno, bad):
             continue
         u, i = b.identifier(rec[user], path, lineno, user), b.identifier(rec[item], path, lineno, item)
         if u is None or i is None:
             continue
         r = b.rating(rec[rating], path, lineno, rating)
-        t = parse_time(rec[when], path, lineno)
+        t = (b.timestamp(rec[when], path, lineno, when) if fmt.time == "unix"
+             else _yelp_time(rec[when], path, lineno, bad))
         if r is not None and t is not None:
-            b.add(u, i, r, t, next(filter(None, (_text(rec.get(f)) for f in text_fields)), ""))
+            b.add(u, i, r, t, next(filter(None, (_text(rec.get(f)) for f in fmt.text_fields)), ""))
+
+
+def parse_review_chunk(source: str, policy: str, path: str, lines: list[tuple[int, bytes]], fmt: ReviewFormat) -> dict:
+    """One chunk of raw lines of a review file parsed on its own (a Ray task of ``data.engine:
+    ray``): ``{"part": Interactions}`` to :meth:`TableBuilder.extend` the file's table with, or
+    ``{"error": message}``, the chunk's first bad record under ``data.bad_records: error``."""
+    b = TableBuilder(source, BadRecords(policy), with_text=True)
+    try:
+        add_review_lines(b, decode_lines(lines, path, b.bad), path, fmt)
+    except DataError as exc:
+        return {"error": str(exc)}
+    return {"part": b.part()}
+
+
+def _add_reviews(b: TableBuilder, path: str, fmt: ReviewFormat, engine: str) -> None:
+    """Every good record of one review file into ``b``: read here, or (``engine`` ray) read here
+    and parsed in chunks by Ray tasks (:func:`ckf_dist.data.ray_stages.parse_on_ray`)."""
+    if engine == "ray":
+        from ckf_dist.data.ray_stages import parse_on_ray
+
+        parse_on_ray(b, path, parse_review_chunk, fmt)
+    else:
+        add_review_lines(b, iter_lines(path, b.bad), path, fmt)
 
 
 def _add_titles(b, path: str, bad: BadRecords, literal: bool, id_field: str, title_field: str) -> None:
@@ -106,17 +149,16 @@ def _add_titles(b, path: str, bad: BadRecords, literal: bool, id_field: str, tit
             b.titles[str(rec[id_field])] = title
 
 
-def read_amazon(path: str, meta_path: str, bad: BadRecords, year: int) -> Interactions:
+def read_amazon(path: str, meta_path: str, bad: BadRecords, year: int, engine: str = "local") -> Interactions:
     """Amazon review dump (``year`` 2014 or 2018) plus its metadata file for titles."""
-    literal = year == 2014
+    fmt = amazon_format(year)
     reviews = _find(path, ("reviews_*.json.gz", "*.json.gz", "*.json"), "reviews", exclude="meta_")
     b = TableBuilder(f"amazon{year}", bad, with_text=True)
     b.files.append(reviews)
-    _add_reviews(b, reviews, bad, literal, ("reviewerID", "asin", "overall", "unixReviewTime"), ("summary", "reviewText"),
-                 lambda v, path, line: b.timestamp(v, path, line, "unixReviewTime"))
+    _add_reviews(b, reviews, fmt, engine)
     meta = meta_path or _find_meta(path)
     if meta:
-        _add_titles(b, meta, bad, literal, "asin", "title")
+        _add_titles(b, meta, bad, fmt.literal, "asin", "title")
     return b.build()
 
 
@@ -137,13 +179,12 @@ def _yelp_time(value, path: str, lineno: int, bad: BadRecords) -> float | None:
     return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
 
 
-def read_yelp(path: str, meta_path: str, bad: BadRecords) -> Interactions:
+def read_yelp(path: str, meta_path: str, bad: BadRecords, engine: str = "local") -> Interactions:
     """Yelp academic dataset: reviews plus business names as item titles."""
     reviews = _find(path, ("*review.json", "*review.json.gz"), "Yelp review")
     b = TableBuilder("yelp", bad, with_text=True)
     b.files.append(reviews)
-    _add_reviews(b, reviews, bad, False, ("user_id", "business_id", "stars", "date"), ("text",),
-                 lambda v, path, line: _yelp_time(v, path, line, bad))
+    _add_reviews(b, reviews, YELP_FORMAT, engine)
     if not meta_path:
         fs, p = url_to_fs(reviews)
         hits = sorted(fs.glob(f"{p.rsplit('/', 1)[0]}/*business.json*"))

@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ckf_dist.eval.headroom import difference, effect, fit_logistic, headroom, main, percentile_ranks
+from ckf_dist.eval.headroom import (conditional_hits, difference, effect, fit_logistic, headroom, hits_at_1, main,
+                                    percentile_ranks)
 
 
 def synthetic_rows(n: int = 2000, seed: int = 0) -> dict:
@@ -101,3 +102,32 @@ def test_difference_is_paired_over_the_same_rows():
     assert d["diff"]["excludes_zero"] and d["diff"]["lo"] > 0.05
     same = difference(rows, "base", "base", n_boot=100)
     assert same["diff"]["value"] == 0 and same["diff"]["lo"] == same["diff"]["hi"] == 0
+
+
+def test_conditional_hits_put_a_cf_reading_gain_where_cf_is_right(tmp_path, capsys):
+    """Sequential rows (10 candidates): ``cf`` ranks the truth first on half of them; ``reader``
+    follows cf where cf is right and is otherwise ``text``. Its gain over ``text`` lies on the rows
+    where cf is right (interval above 0) and is exactly 0 on the others; ties count 1 / (ties + 1)."""
+    rng = np.random.default_rng(1)
+    n = 800
+    cf_right = rng.random(n) < 0.5
+    text_hit = rng.random(n) < 0.2
+    reader_hit = np.where(cf_right, rng.random(n) < 0.6, text_hit)
+    rows = {"user": np.arange(n), "label": np.zeros(n),
+            "greater:cf": np.where(cf_right, 0, 3), "ties:cf": np.zeros(n, dtype=int),
+            "greater:text": np.where(text_hit, 0, 2), "ties:text": np.zeros(n, dtype=int),
+            "greater:reader": np.where(reader_hit, 0, 1), "ties:reader": np.zeros(n, dtype=int)}
+    np.testing.assert_allclose(hits_at_1({"greater:m": np.array([0, 0, 2]), "ties:m": np.array([0, 3, 0])}, "m"),
+                               [1.0, 0.25, 0.0])
+    c = conditional_hits(rows, "reader", "text", "cf", n_boot=300)
+    right, wrong = c["groups"]["cf right"], c["groups"]["cf wrong"]
+    assert right["n"] == cf_right.sum() and wrong["n"] == n - cf_right.sum()
+    assert right["diff"]["excludes_zero"] and right["diff"]["lo"] > 0.2
+    assert wrong["diff"]["value"] == 0 and not wrong["diff"]["excludes_zero"]
+    assert c["groups"]["all"]["a"]["value"] == pytest.approx(reader_hit.mean())
+    pq.write_table(pa.table(rows), tmp_path / "rows_sequential.parquet")
+    assert main([str(tmp_path), "--diff", "reader", "text", "--given", "cf"]) == 0
+    out = capsys.readouterr().out
+    assert "split by whether cf ranks the true item first" in out and "cf right" in out
+    assert main([str(tmp_path), "--diff", "reader", "lm", "--given", "cf"]) == 2
+    assert "no sequential ranks for 'lm'" in capsys.readouterr().err

@@ -27,6 +27,10 @@ bootstrap interval (ranks fixed over the rows, correlations re-weighted per repl
     python -m ckf_dist.eval.headroom runs/study/ctr-cpu --base text-only --add mf popularity
     python -m ckf_dist.eval.headroom runs/study/ctr-cpu --effect ckf ckf-slots-removed --add mf popularity
     python -m ckf_dist.eval.headroom runs/study/ctr-cpu --diff joint-normalize text-only
+    python -m ckf_dist.eval.headroom runs/study/seq-cpu --diff ckf text-only --given mf
+
+``--given M`` (with ``--diff A B``) asks the same of sequential recommendation: HR@1 of A and B
+on all rows and split by whether M ranks the true item first, each with the paired interval.
 """
 
 from __future__ import annotations
@@ -169,6 +173,50 @@ def difference(rows: dict, a: str, b: str, seed: int = 42, n_boot: int = 1000) -
             "auc_b": summarize(pb, reps["b"]["auc"]), "diff": paired(pa, pb, reps["a"]["auc"], reps["b"]["auc"])}
 
 
+def hits_at_1(rows: dict, method: str) -> np.ndarray:
+    """Per sequential row, the expected HR@1 of ``method``: 1 / (ties + 1) when no candidate scored
+    above the true item, else 0 (ties broken at random, as the evaluation's table does)."""
+    missing = [k for k in (f"greater:{method}", f"ties:{method}") if k not in rows]
+    if missing:
+        have = sorted(c.split(":", 1)[1] for c in rows if c.startswith("greater:"))
+        raise KeyError(f"no sequential ranks for {method!r}; the rows have {have}")
+    greater, ties = (np.asarray(rows[f"{k}:{method}"], dtype=np.float64) for k in ("greater", "ties"))
+    return (greater == 0) / (ties + 1.0)
+
+
+def conditional_hits(rows: dict, a: str, b: str, given: str, seed: int = 42, n_boot: int = 1000) -> dict:
+    """HR@1 of ``a`` and ``b`` and the paired difference ``a - b`` on all sequential rows, on the
+    rows where ``given`` (e.g. the CF model) ranks the true item first, and on the others.
+
+    If ``a`` gains over ``b`` by reading what ``given`` knows (CF slots against text only), the
+    gain sits on the rows where ``given`` is right; a gain spread evenly is not that."""
+    ha, hb, hg = hits_at_1(rows, a), hits_at_1(rows, b), hits_at_1(rows, given)
+    users = np.asarray(rows["user"], dtype=np.int64)
+    out = {"n": int(len(ha)), "a": a, "b": b, "given": given, "groups": {}}
+    for name, mask in (("all", np.ones(len(ha), dtype=bool)), (f"{given} right", hg == 1.0),
+                       (f"{given} wrong", hg < 1.0)):
+        if not mask.any():
+            continue
+        reps = replicate(Resampler(users[mask], n_boot, seed, f"hits-{name}"),
+                         {"a": {"hr": mean_stat(ha[mask])}, "b": {"hr": mean_stat(hb[mask])}})
+        pa, pb = float(ha[mask].mean()), float(hb[mask].mean())
+        out["groups"][name] = {"n": int(mask.sum()), "a": summarize(pa, reps["a"]["hr"]),
+                               "b": summarize(pb, reps["b"]["hr"]),
+                               "diff": paired(pa, pb, reps["a"]["hr"], reps["b"]["hr"])}
+    return out
+
+
+def format_conditional_hits(c: dict) -> str:
+    """One line per group: rows, both HR@1 and the paired difference."""
+    name = f"{c['a']} - {c['b']}"
+    lines = [f"sequential hr@1 on {c['n']} rows, split by whether {c['given']} ranks the true item first",
+             f"  {'rows':<22}{'n':>5}  {c['a']:<20} {c['b']:<20} {name}"]
+    for group, g in c["groups"].items():
+        star = " *" if g["diff"]["excludes_zero"] else ""
+        lines.append(f"  {group:<22}{g['n']:>5}  {_cell(g['a']):<20} {_cell(g['b']):<20} {_cell(g['diff'], '+')}{star}")
+    return "\n".join(lines)
+
+
 def format_difference(d: dict) -> str:
     """Both AUCs and the paired difference, a line each."""
     name = f"{d['a']} - {d['b']}"
@@ -218,18 +266,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--effect", nargs=2, metavar=("A", "B"),
                         help="instead: the per-row effect logit(A) - logit(B) of two scorings (e.g. ckf "
                              "ckf-slots-removed), its size and rank correlations with the label and --add")
+    parser.add_argument("--given", metavar="M",
+                        help="with --diff: compare on sequential rows (rows_sequential.parquet), HR@1 on all rows "
+                             "and split by whether method M (e.g. mf) ranks the true item first")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
     import pyarrow.parquet as pq
 
-    path = Path(args.eval_dir) / "rows_ctr.parquet"
+    if args.given and not args.diff:
+        parser.error("--given needs --diff A B")
+    task = "sequential" if args.given else "ctr"
+    path = Path(args.eval_dir) / f"rows_{task}.parquet"
     if not path.is_file():
-        print(f"error: {path} not found; run `ckf evaluate` (or `ckf study`) with a ctr task first", file=sys.stderr)
+        print(f"error: {path} not found; run `ckf evaluate` (or `ckf study`) with a {task} task first", file=sys.stderr)
         return 2
     rows = pq.read_table(path).to_pydict()
     try:
-        if args.diff:
+        if args.given:
+            print(format_conditional_hits(conditional_hits(rows, *args.diff, args.given, seed=args.seed)))
+        elif args.diff:
             print(format_difference(difference(rows, *args.diff, seed=args.seed)))
         elif args.effect:
             print(format_effect(effect(rows, *args.effect, args.add, args.seed)))

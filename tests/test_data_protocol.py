@@ -274,3 +274,40 @@ def test_user_sample_is_seeded_and_independent_of_file_order():
 def test_default_protocol_records_no_subset_stats(proto):
     assert not {"in_time_window", "sampled_users", "after_user_sample"} & proto.stats.keys()
     assert proto.table.counts() == counts(proto.samples)
+
+
+@pytest.mark.parametrize("negatives", ["uniform", "popularity"])
+def test_samples_drawn_per_user_range_are_the_whole_table(log, negatives):
+    """What ``data.engine: ray`` relies on: the samples of users cut into ranges (as Ray tasks draw
+    them), appended in user order, are the samples drawn in one pass, candidates included."""
+    from ckf_dist.data.protocol import SampleContext, popularity_cdf, user_samples
+    from ckf_dist.data.ray_stages import user_ranges
+
+    cfg = dataclasses.replace(CFG, negatives=negatives, task_weights={"ctr": 1.0, "sequential": 2.0, "rating": 1.0,
+                                                                      "review": 1.0})
+    proto = build_protocol(log, cfg, seed=11)
+    n_hist = np.array([proto.n_history(x) for x in range(proto.n_users)])
+    import pyarrow.compute as pc
+
+    has = pc.binary_length(proto.texts).to_numpy(zero_copy_only=False) > 0
+    flags = [has[st:st + len(s)] for st, s in zip(proto.user_start, proto.seqs)]
+    cdf = popularity_cdf(proto.train_pairs[:, 1], proto.n_items) if negatives == "popularity" else None
+    ctx = SampleContext(11, proto.n_items, cfg.n_candidates, cdf, dict(cfg.task_weights), cfg.train_samples_per_user)
+    ranges = user_ranges(np.array([len(s) for s in proto.seqs]), 7)
+    assert len(ranges) == 7 and ranges[0][0] == 0 and ranges[-1][1] == proto.n_users
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    parts = [user_samples(ctx, lo, proto.seqs[lo:hi], proto.seq_split[lo:hi], proto.warm[lo:hi], n_hist[lo:hi],
+                          flags[lo:hi]) for lo, hi in ranges]
+    whole = build_protocol(log, cfg, seed=11).table
+    from ckf_dist.data.protocol import SampleTable
+
+    merged = SampleTable()
+    for split in ("valid", "test"):
+        for p in parts:
+            merged.extend(p[split]["table"])
+        assert [c for p in parts for c in p[split]["candidates"]] == proto.candidates[split]
+    for p in parts:
+        merged.extend(p["train"])
+    for col in ("split", "task", "user", "pos", "cand_start", "cand_len", "cands"):
+        assert getattr(merged, col) == getattr(whole, col), col
+    assert (np.frombuffer(whole.task, dtype=np.int8) == 3).sum() > 0 and len(whole.cands) > 0

@@ -35,7 +35,7 @@ class DataConfig:
     max_title_chars: int = 80
     max_review_tokens: int = 32        # review task: the answer (summary, else review text) is cut to this many tokens
     shard_rows: int = 2048
-    engine: Literal["local", "ray"] = "local"    # where the k-core filter runs, prompt rows are built and shards written
+    engine: Literal["local", "ray"] = "local"    # ray: parsing, k-core, samples, prompt rows and shards on Ray
     ray_workers: int = 2               # engine ray: row-building actors (1 CPU each)
     ray_address: str = ""              # engine ray: cluster to join ("" starts a local one)
     bad_records: Literal["error", "skip"] = "error"

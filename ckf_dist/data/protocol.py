@@ -86,6 +86,18 @@ class SampleTable:
             self.cand_len.append(len(cands))
             self.cands.extend(cands)
 
+    def extend(self, other: "SampleTable") -> None:
+        """Append ``other``'s samples after ours (its candidate slices move with them)."""
+        base = len(self.cands)
+        self.split.extend(other.split)
+        self.task.extend(other.task)
+        self.user.extend(other.user)
+        self.pos.extend(other.pos)
+        starts = np.frombuffer(other.cand_start, dtype=np.int64) if len(other.cand_start) else np.zeros(0, np.int64)
+        self.cand_start.frombytes(np.where(starts >= 0, starts + base, -1).astype(np.int64).tobytes())
+        self.cand_len.extend(other.cand_len)
+        self.cands.extend(other.cands)
+
     def __len__(self) -> int:
         return len(self.split)
 
@@ -303,6 +315,65 @@ def _sorted_codes(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return rank, arr[by_name]
 
 
+@dataclass(frozen=True)
+class SampleContext:
+    """What drawing one user's samples needs besides the user's own sequence (see :func:`user_samples`)."""
+
+    seed: int
+    n_items: int
+    n_candidates: int
+    cdf: np.ndarray | None              # popularity negatives: training popularity CDF; None: uniform
+    task_weights: dict
+    train_samples_per_user: int
+
+
+def user_samples(ctx: SampleContext, first_user: int, seqs: list[np.ndarray], seq_split: list[np.ndarray],
+                 warm: np.ndarray, n_hist: np.ndarray, text_flags: list[np.ndarray] | None) -> dict:
+    """The samples of users ``first_user .. first_user + len(seqs) - 1`` (their sequences, split
+    labels, warm flags, history lengths and per-interaction has-text flags, or None for a source
+    without text): per split a :class:`SampleTable` in protocol order, and for valid/test the
+    targets' items, owners and candidate lists. Every draw comes from generators seeded by
+    (seed, stream, user), so any cut of the users into ranges gives the same samples."""
+    pick = TaskPicker(ctx.task_weights)
+    K, n_items, cdf = ctx.n_candidates, ctx.n_items, ctx.cdf
+    out: dict = {}
+    for code, split in ((1, "valid"), (2, "test")):
+        table, items, owners, cand_lists = SampleTable(), [], [], []
+        for k, s in enumerate(seqs):
+            positions = np.flatnonzero(seq_split[k] == code).tolist()
+            if not positions:
+                continue
+            x = first_user + k
+            rng, task_rng = _rng(ctx.seed, split, x), _rng(ctx.seed, "task-" + split, x)
+            exclude = set(s.tolist())
+            for t in positions:            # one generator per user, drawn in time order
+                cands = make_candidates(rng, int(s[t]), n_items, exclude, K, cdf)
+                items.append(int(s[t]))
+                owners.append(x)
+                cand_lists.append(cands)
+                task = pick(float(task_rng.random()), text_flags is not None and bool(text_flags[k][t]))
+                if task is not None:
+                    table.add(code, TASK_CODE[task], x, t, cands if task == "sequential" else None)
+        out[split] = {"table": table, "items": np.array(items, dtype=np.int64), "owners": np.array(owners, dtype=np.int64),
+                      "candidates": cand_lists}
+    train = SampleTable()
+    for k in np.flatnonzero(warm).tolist():
+        s, x = seqs[k], first_user + k
+        rng = _rng(ctx.seed, "train", x)
+        end = int(n_hist[k])
+        first = 1 if ctx.train_samples_per_user <= 0 else max(1, end - ctx.train_samples_per_user)
+        exclude = set(s.tolist())
+        uniforms = rng.random(len(s)).tolist()
+        for t in range(first, end):
+            task = pick(uniforms[t], text_flags is not None and bool(text_flags[k][t]))
+            if task is None:
+                continue
+            cands = make_candidates(rng, int(s[t]), n_items, exclude, K, cdf) if task == "sequential" else None
+            train.add(0, TASK_CODE[task], x, t, cands)
+    out["train"] = train
+    return out
+
+
 def build_protocol(log: Interactions, cfg: DataConfig, seed: int) -> Protocol:
     """Run the whole protocol on a normalized log (see the module docstring)."""
     order, u, i, user_raw, item_raw, stats = _index(log, cfg, seed)
@@ -348,45 +419,27 @@ def build_protocol(log: Interactions, cfg: DataConfig, seed: int) -> Protocol:
                      np.concatenate(pr).astype(np.float32), {}, {}, seq_split=seq_split, texts=texts,
                      user_start=starts.astype(np.int64), max_history=cfg.max_history,
                      like_threshold=cfg.like_threshold)
-    table = proto.table
-    K = cfg.n_candidates
-    cdf = popularity_cdf(train_pairs[:, 1], n_items) if cfg.negatives == "popularity" else None
-    pick = TaskPicker(cfg.task_weights)
-    for code, split in ((1, "valid"), (2, "test")):
-        items, owners, cand_lists = [], [], []
-        for x, s in enumerate(seqs):
-            positions = np.flatnonzero(seq_split[x] == code).tolist()
-            if not positions:
-                continue
-            rng, task_rng = _rng(seed, split, x), _rng(seed, "task-" + split, x)
-            exclude = set(s.tolist())
-            for t in positions:            # one generator per user, drawn in time order
-                cands = make_candidates(rng, int(s[t]), n_items, exclude, K, cdf)
-                items.append(int(s[t]))
-                owners.append(x)
-                cand_lists.append(cands)
-                task = pick(float(task_rng.random()), texts is not None and bool(has_text[starts[x] + t]))
-                if task is not None:
-                    table.add(code, TASK_CODE[task], x, t, cands if task == "sequential" else None)
-        proto.targets[split] = np.array(items, dtype=np.int64)
-        proto.target_users[split] = np.array(owners, dtype=np.int64)
-        proto.candidates[split] = cand_lists
-    for x in np.flatnonzero(warm).tolist():
-        s = seqs[x]
-        rng = _rng(seed, "train", x)
-        end = int(n_hist[x])
-        first = 1 if cfg.train_samples_per_user <= 0 else max(1, end - cfg.train_samples_per_user)
-        exclude = set(s.tolist())
-        uniforms = rng.random(len(s)).tolist()
-        for t in range(first, end):
-            task = pick(uniforms[t], texts is not None and bool(has_text[starts[x] + t]))
-            if task is None:
-                continue
-            cands = make_candidates(rng, int(s[t]), n_items, exclude, K, cdf) if task == "sequential" else None
-            table.add(0, TASK_CODE[task], x, t, cands)
+    ctx = SampleContext(seed, n_items, cfg.n_candidates,
+                        popularity_cdf(train_pairs[:, 1], n_items) if cfg.negatives == "popularity" else None,
+                        dict(cfg.task_weights), cfg.train_samples_per_user)
+    text_flags = [has_text[s:e] for s, e in zip(starts, ends)] if texts is not None else None
+    if cfg.engine == "ray":                                           # user ranges on Ray tasks
+        from ckf_dist.data.ray_stages import samples_on_ray
+
+        parts = samples_on_ray(ctx, seqs, seq_split, warm, n_hist, text_flags, blocks=4 * cfg.ray_workers)
+    else:
+        parts = [user_samples(ctx, 0, seqs, seq_split, warm, n_hist, text_flags)]
+    for split in ("valid", "test"):
+        for part in parts:
+            proto.table.extend(part[split]["table"])
+        proto.targets[split] = np.concatenate([p[split]["items"] for p in parts]).astype(np.int64)
+        proto.target_users[split] = np.concatenate([p[split]["owners"] for p in parts]).astype(np.int64)
+        proto.candidates[split] = [c for p in parts for c in p[split]["candidates"]]
+    for part in parts:
+        proto.table.extend(part["train"])
     stats["has_text"] = texts is not None and bool(has_text.any())
     eligible = sum(max(0, int(n_hist[x]) - 1) for x in np.flatnonzero(warm).tolist())
-    if eligible and not len(table.indices("train")):
+    if eligible and not len(proto.table.indices("train")):
         raise DataError(f"{log.source}: no training samples: the tasks with weight > 0 ({cfg.task_weights}) need "
                         f"{'review text, which this source lacks' if not stats['has_text'] else 'more data'}")
     proto.stats = stats

@@ -10,6 +10,11 @@ records the counts and examples, of a reading on one machine. At most ``window``
 flight, so the driver holds a bounded number of raw lines. Under ``data.bad_records: error`` the
 first bad record in file order is the error, with its file and line, as on one machine.
 
+**Samples** (:func:`samples_on_ray`). Every draw of the split's samples (task, candidates) comes
+from a generator seeded by (seed, stream, user), so users can be cut into ranges: Ray tasks draw
+the samples of a range each (:func:`ckf_dist.data.protocol.user_samples`, ranges of about equal
+interactions), and the driver appends them in user order, which is the local table.
+
 **k-core.**
 k-core filtering keeps the largest set of interactions in which every user and every item has
 at least ``k`` of them. It is unique, so any order of removals that stops at a fixed point
@@ -155,3 +160,30 @@ def kcore_on_ray(users: np.ndarray, items: np.ndarray, k: int, blocks: int = 8) 
     for batch in ds.select_columns(["row"]).iter_batches(batch_format="numpy", batch_size=1 << 20):
         mask[batch["row"]] = True
     return mask, rounds
+
+
+def user_ranges(sizes: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` ranges of consecutive users with about equal total ``sizes`` (at most ``parts``)."""
+    n = len(sizes)
+    if n == 0:
+        return []
+    cum = np.cumsum(sizes)
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, parts) / parts, side="right")
+    bounds = np.unique(np.r_[0, cuts, n])
+    return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+
+def samples_on_ray(ctx, seqs: list, seq_split: list, warm: np.ndarray, n_hist: np.ndarray,
+                   text_flags: list | None, blocks: int = 8) -> list[dict]:
+    """The parts :func:`ckf_dist.data.protocol.user_samples` returns for ranges of users, drawn by
+    Ray tasks (``ray.init`` first), in user order."""
+    import ray
+
+    from ckf_dist.data.protocol import user_samples
+
+    task = ray.remote(num_cpus=1)(user_samples)
+    ctx_ref = ray.put(ctx)
+    ranges = user_ranges(np.array([len(s) for s in seqs], dtype=np.int64), blocks)
+    refs = [task.remote(ctx_ref, lo, seqs[lo:hi], seq_split[lo:hi], warm[lo:hi], n_hist[lo:hi],
+                        text_flags[lo:hi] if text_flags is not None else None) for lo, hi in ranges]
+    return ray.get(refs)

@@ -3,9 +3,10 @@
 Synthetic Amazon-2018-format logs (2,000 items, 30 interactions per user; the writer itself
 streams, one block of users at a time) of each size are written once under ``--work``,
 then prepared, each size in a fresh Python process that reports its own peak RSS
-(``ru_maxrss``) and the per-stage times and memory from the manifest; with the Ray engine
-(``rayN``: N row-building actors) the peak counts the driver plus N times the largest worker
-peak. Printed: a table per engine with the cost per interaction and its growth factor from
+and the per-stage times and memory from the manifest. Peak RSS is the larger of the process's
+``ru_maxrss`` and the peak of its RSS plus every descendant's, sampled every 0.2 s: with the
+Ray engine (``rayN``: N row-building actors) that is the whole local cluster (GCS, raylet, the
+parsing and sampling task workers, the actors). Printed: a table per engine with the cost per interaction and its growth factor from
 the previous size.
 
     python bench/prepare_scale.py                          # 60k and 600k, local engine
@@ -34,17 +35,35 @@ N_ITEMS, PER_USER = 2000, 30
 CF_YAML = "cf:\n  epochs: 5\n  patience: 10\n  optimizer: sparse-adam\n"
 
 CHILD = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, resource, sys, threading, time
+    import psutil
     from ckf_dist.config import load_config
     from ckf_dist.stages.prepare import run_prepare
     cfg = load_config(sys.argv[1], [])
+    me, peak_tree, done = psutil.Process(), [0], threading.Event()
+
+    def sample():       # this process and every descendant (a local Ray cluster: GCS, raylet, workers)
+        while not done.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            peak_tree[0] = max(peak_tree[0], total)
+            done.wait(0.2)
+
+    threading.Thread(target=sample, daemon=True).start()
     t0 = time.perf_counter()
     manifest = run_prepare(cfg, overwrite=True, progress=False)
     wall = time.perf_counter() - t0
+    done.set()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print("RESULT " + json.dumps({"wall_s": wall, "peak_rss": peak, "interactions": manifest["source"]["interactions"],
+    print("RESULT " + json.dumps({"wall_s": wall, "peak_rss": max(peak, peak_tree[0]), "driver_peak_rss": peak,
+                                  "interactions": manifest["source"]["interactions"],
                                   "stages": manifest.get("stages", {}), "rows": sum(s["rows"] for s in manifest["shards"])}))
 """)
+
 
 
 def parse_size(text: str) -> int:
@@ -126,9 +145,6 @@ def main() -> None:
             r.update(engine=engine, size=n, write_log_s=write_s)
             results.append(r)
             per_us = r["wall_s"] / r["interactions"] * 1e6
-            workers = r["stages"].get("rows", {}).get("worker_rss_gb")
-            if workers is not None:           # the Ray engine: driver + every worker at its peak
-                r["peak_rss"] += int(workers * 2**30 * int(engine[3:]))
             per_kb = r["peak_rss"] / r["interactions"] / 1024
             growth = ("", "") if prev is None else (f"{r['wall_s'] / prev['wall_s']:.2f}x",
                                                     f"{r['peak_rss'] / prev['peak_rss']:.2f}x")

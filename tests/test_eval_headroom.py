@@ -116,18 +116,23 @@ def test_conditional_hits_put_a_cf_reading_gain_where_cf_is_right(tmp_path, caps
     rows = {"user": np.arange(n), "label": np.zeros(n),
             "greater:cf": np.where(cf_right, 0, 3), "ties:cf": np.zeros(n, dtype=int),
             "greater:text": np.where(text_hit, 0, 2), "ties:text": np.zeros(n, dtype=int),
-            "greater:reader": np.where(reader_hit, 0, 1), "ties:reader": np.zeros(n, dtype=int)}
+            "greater:reader": np.where(reader_hit, 0, 2), "ties:reader": np.zeros(n, dtype=int)}
     np.testing.assert_allclose(hits_at_1({"greater:m": np.array([0, 0, 2]), "ties:m": np.array([0, 3, 0])}, "m"),
                                [1.0, 0.25, 0.0])
     c = conditional_hits(rows, "reader", "text", "cf", n_boot=300)
     right, wrong = c["groups"]["cf right"], c["groups"]["cf wrong"]
     assert right["n"] == cf_right.sum() and wrong["n"] == n - cf_right.sum()
-    assert right["diff"]["excludes_zero"] and right["diff"]["lo"] > 0.2
-    assert wrong["diff"]["value"] == 0 and not wrong["diff"]["excludes_zero"]
-    assert c["groups"]["all"]["a"]["value"] == pytest.approx(reader_hit.mean())
+    assert right["hr"]["diff"]["excludes_zero"] and right["hr"]["diff"]["lo"] > 0.2
+    assert wrong["hr"]["diff"]["value"] == 0 and not wrong["hr"]["diff"]["excludes_zero"]
+    assert c["groups"]["all"]["hr"]["a"]["value"] == pytest.approx(reader_hit.mean())
+    # ranks: the reader lifts the truth only where cf ranks it first, so the lift follows cf
+    assert right["rank"]["diff"]["hi"] < 0 and wrong["rank"]["diff"]["value"] == 0
+    assert c["corr"]["lo"] > 0.1
+    blind = conditional_hits(rows, "text", "reader", "text", n_boot=200)
+    assert blind["groups"]["all"]["rank"]["diff"]["value"] > 0
     pq.write_table(pa.table(rows), tmp_path / "rows_sequential.parquet")
     assert main([str(tmp_path), "--diff", "reader", "text", "--given", "cf"]) == 0
     out = capsys.readouterr().out
-    assert "split by whether cf ranks the true item first" in out and "cf right" in out
+    assert "split by whether cf ranks the true item first" in out and "cf right" in out and "mean rank" in out
     assert main([str(tmp_path), "--diff", "reader", "lm", "--given", "cf"]) == 2
     assert "no sequential ranks for 'lm'" in capsys.readouterr().err

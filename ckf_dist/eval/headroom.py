@@ -173,24 +173,33 @@ def difference(rows: dict, a: str, b: str, seed: int = 42, n_boot: int = 1000) -
             "auc_b": summarize(pb, reps["b"]["auc"]), "diff": paired(pa, pb, reps["a"]["auc"], reps["b"]["auc"])}
 
 
-def hits_at_1(rows: dict, method: str) -> np.ndarray:
-    """Per sequential row, the expected HR@1 of ``method``: 1 / (ties + 1) when no candidate scored
-    above the true item, else 0 (ties broken at random, as the evaluation's table does)."""
+def _ranks(rows: dict, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per sequential row: ``method``'s expected HR@1 (1 / (ties + 1) when no candidate scored above
+    the true item, else 0) and the true item's expected rank (1 + above + ties / 2), ties broken
+    at random as the evaluation's table does."""
     missing = [k for k in (f"greater:{method}", f"ties:{method}") if k not in rows]
     if missing:
         have = sorted(c.split(":", 1)[1] for c in rows if c.startswith("greater:"))
         raise KeyError(f"no sequential ranks for {method!r}; the rows have {have}")
     greater, ties = (np.asarray(rows[f"{k}:{method}"], dtype=np.float64) for k in ("greater", "ties"))
-    return (greater == 0) / (ties + 1.0)
+    return (greater == 0) / (ties + 1.0), 1.0 + greater + ties / 2.0
+
+
+def hits_at_1(rows: dict, method: str) -> np.ndarray:
+    """Per sequential row, the expected HR@1 of ``method`` (see :func:`_ranks`)."""
+    return _ranks(rows, method)[0]
 
 
 def conditional_hits(rows: dict, a: str, b: str, given: str, seed: int = 42, n_boot: int = 1000) -> dict:
-    """HR@1 of ``a`` and ``b`` and the paired difference ``a - b`` on all sequential rows, on the
-    rows where ``given`` (e.g. the CF model) ranks the true item first, and on the others.
+    """HR@1 and the true item's mean rank for ``a`` and ``b``, and the paired differences ``a - b``,
+    on all sequential rows, on the rows where ``given`` (e.g. the CF model) ranks the true item
+    first, and on the others; plus the correlation, over all rows, of how much ``a`` lifts the
+    true item over ``b`` (rank of b minus rank of a) with how high ``given`` ranks it.
 
     If ``a`` gains over ``b`` by reading what ``given`` knows (CF slots against text only), the
-    gain sits on the rows where ``given`` is right; a gain spread evenly is not that."""
-    ha, hb, hg = hits_at_1(rows, a), hits_at_1(rows, b), hits_at_1(rows, given)
+    gain sits on the rows where ``given`` is right and grows with ``given``'s rank of the truth;
+    a gain spread evenly is not that."""
+    (ha, ra), (hb, rb), (hg, rg) = _ranks(rows, a), _ranks(rows, b), _ranks(rows, given)
     users = np.asarray(rows["user"], dtype=np.int64)
     out = {"n": int(len(ha)), "a": a, "b": b, "given": given, "groups": {}}
     for name, mask in (("all", np.ones(len(ha), dtype=bool)), (f"{given} right", hg == 1.0),
@@ -198,22 +207,35 @@ def conditional_hits(rows: dict, a: str, b: str, given: str, seed: int = 42, n_b
         if not mask.any():
             continue
         reps = replicate(Resampler(users[mask], n_boot, seed, f"hits-{name}"),
-                         {"a": {"hr": mean_stat(ha[mask])}, "b": {"hr": mean_stat(hb[mask])}})
-        pa, pb = float(ha[mask].mean()), float(hb[mask].mean())
-        out["groups"][name] = {"n": int(mask.sum()), "a": summarize(pa, reps["a"]["hr"]),
-                               "b": summarize(pb, reps["b"]["hr"]),
-                               "diff": paired(pa, pb, reps["a"]["hr"], reps["b"]["hr"])}
+                         {m: {"hr": mean_stat(h[mask]), "rank": mean_stat(r[mask])} for m, h, r in (("a", ha, ra), ("b", hb, rb))})
+        group = {"n": int(mask.sum())}
+        for metric, (xa, xb) in (("hr", (ha, hb)), ("rank", (ra, rb))):
+            pa, pb = float(xa[mask].mean()), float(xb[mask].mean())
+            group[metric] = {"a": summarize(pa, reps["a"][metric]), "b": summarize(pb, reps["b"][metric]),
+                             "diff": paired(pa, pb, reps["a"][metric], reps["b"][metric])}
+        out["groups"][name] = group
+    lift, truth_high = percentile_ranks(rb - ra), percentile_ranks(-rg)
+    stat = corr_stat(lift, truth_high)
+    reps = replicate(Resampler(users, n_boot, seed, "hits-corr"), {"c": {"corr": stat}})["c"]["corr"]
+    out["corr"] = summarize(float(stat(None, np.ones((1, len(lift))))[0]), reps)
     return out
 
 
 def format_conditional_hits(c: dict) -> str:
-    """One line per group: rows, both HR@1 and the paired difference."""
+    """One line per group and metric: rows, both values and the paired difference; then the correlation."""
     name = f"{c['a']} - {c['b']}"
-    lines = [f"sequential hr@1 on {c['n']} rows, split by whether {c['given']} ranks the true item first",
-             f"  {'rows':<22}{'n':>5}  {c['a']:<20} {c['b']:<20} {name}"]
-    for group, g in c["groups"].items():
-        star = " *" if g["diff"]["excludes_zero"] else ""
-        lines.append(f"  {group:<22}{g['n']:>5}  {_cell(g['a']):<20} {_cell(g['b']):<20} {_cell(g['diff'], '+')}{star}")
+    lines = [f"sequential rows ({c['n']}), split by whether {c['given']} ranks the true item first",
+             f"  {'metric':<10}{'rows':<22}{'n':>5}  {c['a']:<20} {c['b']:<20} {name}"]
+    for metric, label in (("hr", "hr@1"), ("rank", "mean rank")):
+        for group, g in c["groups"].items():
+            m = g[metric]
+            star = " *" if m["diff"]["excludes_zero"] else ""
+            lines.append(f"  {label:<10}{group:<22}{g['n']:>5}  {_cell(m['a']):<20} {_cell(m['b']):<20} "
+                         f"{_cell(m['diff'], '+')}{star}")
+    corr = c["corr"]
+    star = " *" if np.isfinite(corr["lo"]) and (corr["lo"] > 0 or corr["hi"] < 0) else ""
+    lines.append(f"  rank correlation of how much {c['a']} lifts the true item over {c['b']} with how high "
+                 f"{c['given']} ranks it: {_cell(corr, '+')}{star}")
     return "\n".join(lines)
 
 

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ckf_dist.eval.headroom import (conditional_hits, difference, effect, fit_logistic, headroom, hits_at_1, main,
-                                    percentile_ranks)
+from ckf_dist.eval.headroom import (conditional_hits, difference, difference_over_pairs, effect, fit_logistic, headroom,
+                                    hits_at_1, main, percentile_ranks)
 
 
 def synthetic_rows(n: int = 2000, seed: int = 0) -> dict:
@@ -102,6 +102,43 @@ def test_difference_is_paired_over_the_same_rows():
     assert d["diff"]["excludes_zero"] and d["diff"]["lo"] > 0.05
     same = difference(rows, "base", "base", n_boot=100)
     assert same["diff"]["value"] == 0 and same["diff"]["lo"] == same["diff"]["hi"] == 0
+
+
+def test_difference_over_pairs_pools_seeds_on_the_same_draws(tmp_path, capsys):
+    """Two pairs (two seeds): each pair's entry is exactly the one-pair difference (same draws);
+    the mean is the mean of the pairs' differences, narrower than either pair's interval when
+    the pairs' noise is independent; pairs of opposite sign are flagged."""
+    rows = synthetic_rows(1500)
+    rng = np.random.default_rng(3)
+    base = np.asarray(rows["score:base"])
+    lg = np.log(base / (1 - base))
+    signal = (rows["score:cf"] - 7.0) / 3.0
+    for name, push in (("a1", 0.25), ("a2", 0.25), ("worse", -0.25)):
+        rows[f"score:{name}"] = lg + push * signal + rng.normal(scale=0.8, size=len(base))
+    for name in ("b1", "b2"):
+        rows[f"score:{name}"] = lg + rng.normal(scale=0.8, size=len(base))
+    d = difference_over_pairs(rows, [("a1", "b1"), ("a2", "b2")], n_boot=300)
+    for got, (a, b) in zip(d["pairs"], [("a1", "b1"), ("a2", "b2")]):
+        one = difference(rows, a, b, n_boot=300)
+        assert got["diff"] == one["diff"] and got["auc_a"] == one["auc_a"]
+    pair_values = [p["diff"]["value"] for p in d["pairs"]]
+    assert d["mean"]["value"] == pytest.approx(np.mean(pair_values))
+    assert d["same_sign"] and d["mean"]["excludes_zero"] and d["mean"]["lo"] > 0
+    widths = [p["diff"]["hi"] - p["diff"]["lo"] for p in d["pairs"]]
+    assert d["mean"]["hi"] - d["mean"]["lo"] < min(widths)
+    mixed = difference_over_pairs(rows, [("a1", "b1"), ("worse", "b2")], n_boot=300)
+    assert not mixed["same_sign"] and mixed["spread"] > 0.02
+    with pytest.raises(KeyError, match="missing-method"):
+        difference_over_pairs(rows, [("a1", "missing-method")], n_boot=10)
+
+    path = tmp_path / "rows_ctr.parquet"
+    pq.write_table(pa.table({k: np.asarray(v) for k, v in rows.items()}), path)
+    assert main([str(tmp_path), "--diff", "a1", "b1", "worse", "b2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 pairs" in out and "mean of the 2 differences" in out and "DIFFERENT signs" in out
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path), "--diff", "a1", "b1", "a2"])
+    assert exc.value.code == 2 and "in pairs" in capsys.readouterr().err
 
 
 def test_conditional_hits_put_a_cf_reading_gain_where_cf_is_right(tmp_path, capsys):

@@ -27,7 +27,11 @@ bootstrap interval (ranks fixed over the rows, correlations re-weighted per repl
     python -m ckf_dist.eval.headroom runs/study/ctr-cpu --base text-only --add mf popularity
     python -m ckf_dist.eval.headroom runs/study/ctr-cpu --effect ckf ckf-slots-removed --add mf popularity
     python -m ckf_dist.eval.headroom runs/study/ctr-cpu --diff joint-normalize text-only
+    python -m ckf_dist.eval.headroom runs/study/ctr-rating-cpu --diff ckf text-only ckf-seed7 text-only-seed7
     python -m ckf_dist.eval.headroom runs/study/seq-cpu --diff ckf text-only --given mf
+
+``--diff`` with more than one pair (one per training seed) prints each pair's paired difference
+and their mean with an interval over the same user draws, and whether the pairs agree in sign.
 
 ``--given M`` (with ``--diff A B``) asks the same of sequential recommendation: HR@1 of A and B
 on all rows and split by whether M ranks the true item first, each with the paired interval.
@@ -173,6 +177,34 @@ def difference(rows: dict, a: str, b: str, seed: int = 42, n_boot: int = 1000) -
             "auc_b": summarize(pb, reps["b"]["auc"]), "diff": paired(pa, pb, reps["a"]["auc"], reps["b"]["auc"])}
 
 
+def difference_over_pairs(rows: dict, pairs: list[tuple[str, str]], seed: int = 42, n_boot: int = 1000) -> dict:
+    """The paired AUC difference of each ``(a, b)`` pair (e.g. CKF and text-only trained with the
+    same seed, one pair per seed) and their mean, every method resampled with the *same* user
+    draws: the mean's interval covers the rows' sampling of all pairs together. It does not model
+    the spread between pairs (two or three seeds cannot estimate a variance), which is reported
+    beside it: a mean whose pairs disagree in sign is no result, whatever its interval."""
+    if not pairs:
+        raise ValueError("no pairs to compare")
+    methods = sorted({m for pair in pairs for m in pair})
+    _require_scores(rows, methods)
+    labels = np.asarray(rows["label"], dtype=np.float64)
+    scores = {m: np.asarray(rows[f"score:{m}"], dtype=np.float64) for m in methods}
+    reps = replicate(Resampler(np.asarray(rows["user"], dtype=np.int64), n_boot, seed, "difference"),
+                     {m: {"auc": auc_stat(labels, scores[m])} for m in methods})
+    point = {m: auc(labels.tolist(), scores[m].tolist()) for m in methods}
+    out = []
+    for a, b in pairs:
+        out.append({"a": a, "b": b, "auc_a": summarize(point[a], reps[a]["auc"]),
+                    "auc_b": summarize(point[b], reps[b]["auc"]),
+                    "diff": paired(point[a], point[b], reps[a]["auc"], reps[b]["auc"])})
+    diffs = np.array([point[a] - point[b] for a, b in pairs])
+    mean_reps = np.mean([reps[a]["auc"] - reps[b]["auc"] for a, b in pairs], axis=0)
+    mean = summarize(float(diffs.mean()), mean_reps)
+    mean["excludes_zero"] = bool(np.isfinite(mean["lo"]) and (mean["lo"] > 0 or mean["hi"] < 0))
+    return {"n": int(len(labels)), "pairs": out, "mean": mean,
+            "spread": float(diffs.max() - diffs.min()), "same_sign": bool(np.all(diffs > 0) or np.all(diffs < 0))}
+
+
 def _ranks(rows: dict, method: str) -> tuple[np.ndarray, np.ndarray]:
     """Per sequential row: ``method``'s expected HR@1 (1 / (ties + 1) when no candidate scored above
     the true item, else 0) and the true item's expected rank (1 + above + ties / 2), ties broken
@@ -248,6 +280,24 @@ def format_difference(d: dict) -> str:
             f"  {name:<{width}} {_cell(d['diff'], '+')}{star} (paired)")
 
 
+def format_difference_over_pairs(d: dict) -> str:
+    """Each pair's two AUCs and paired difference, then the mean difference over the pairs."""
+    names = [f"{p['a']} - {p['b']}" for p in d["pairs"]]
+    k = len(d["pairs"])
+    mean_name = f"mean of the {k} differences"
+    width = max(len(x) for x in names + [mean_name] + [p[s] for p in d["pairs"] for s in ("a", "b")])
+    lines = [f"ctr auc on {d['n']} rows, {k} pairs"]
+    for p, name in zip(d["pairs"], names):
+        star = " *" if p["diff"]["excludes_zero"] else ""
+        lines += [f"  {p['a']:<{width}} {_cell(p['auc_a'])}", f"  {p['b']:<{width}} {_cell(p['auc_b'])}",
+                  f"  {name:<{width}} {_cell(p['diff'], '+')}{star} (paired)"]
+    star = " *" if d["mean"]["excludes_zero"] else ""
+    sign = "the same sign" if d["same_sign"] else "DIFFERENT signs"
+    lines.append(f"  {mean_name:<{width}} {_cell(d['mean'], '+')}{star} (paired over users; the differences have "
+                 f"{sign}, spread {d['spread']:.3f})")
+    return "\n".join(lines)
+
+
 def format_effect(e: dict) -> str:
     """The effect's size and its correlations, a line each."""
     def cell(c, sign=""):
@@ -283,8 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default="ckf", help="the method whose score is the base (default: ckf)")
     parser.add_argument("--add", nargs="+", default=["mf", "popularity"],
                         help="methods whose scores are added (with --effect: correlated with the effect)")
-    parser.add_argument("--diff", nargs=2, metavar=("A", "B"),
-                        help="instead: the AUCs of A and B and the paired difference A - B")
+    parser.add_argument("--diff", nargs="+", metavar="A B",
+                        help="instead: the AUCs of A and B and the paired difference A - B; more pairs "
+                             "(A B A2 B2 ..., e.g. one pair per training seed): each pair's difference and "
+                             "their mean, on the same user draws")
     parser.add_argument("--effect", nargs=2, metavar=("A", "B"),
                         help="instead: the per-row effect logit(A) - logit(B) of two scorings (e.g. ckf "
                              "ckf-slots-removed), its size and rank correlations with the label and --add")
@@ -298,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.given and not args.diff:
         parser.error("--given needs --diff A B")
+    if args.diff and len(args.diff) % 2:
+        parser.error(f"--diff takes methods in pairs (A B, or A B A2 B2 ...); got {len(args.diff)}: {args.diff}")
+    if args.given and args.diff and len(args.diff) != 2:
+        parser.error("--given compares one pair: --diff A B")
     task = "sequential" if args.given else "ctr"
     path = Path(args.eval_dir) / f"rows_{task}.parquet"
     if not path.is_file():
@@ -307,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.given:
             print(format_conditional_hits(conditional_hits(rows, *args.diff, args.given, seed=args.seed)))
+        elif args.diff and len(args.diff) > 2:
+            pairs = list(zip(args.diff[::2], args.diff[1::2]))
+            print(format_difference_over_pairs(difference_over_pairs(rows, pairs, seed=args.seed)))
         elif args.diff:
             print(format_difference(difference(rows, *args.diff, seed=args.seed)))
         elif args.effect:

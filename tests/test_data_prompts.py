@@ -102,3 +102,34 @@ def test_history_trimmed_to_fit_max_length(tok, proto):
 def test_titles_are_cleaned_and_truncated(tok):
     b = PromptBuilder(tok, ["  A   very\nlong title indeed ", ""], max_title_chars=10)
     assert b.titles == ["A very lon", "untitled"]
+
+
+def test_letter_answers_label_the_options_and_score_one_token_each(tok, proto):
+    """sequential_answer="letter": options read "A. title <I>; B. ...", the answer is the true
+    option's letter, every candidate's answer is one distinct token + eos, slots and the text
+    variant are unchanged in kind; other tasks are untouched."""
+    title = PromptBuilder(tok, proto.titles)
+    letter = PromptBuilder(tok, proto.titles, sequential_answer="letter")
+    seen = 0
+    for s in proto.samples:
+        a, b = title.build(dataclasses.replace(s)), letter.build(dataclasses.replace(s))
+        if s.task != "sequential":
+            assert a == b
+            continue
+        seen += 1
+        firsts = [c[0] for c in b["cand_ids"]]
+        assert all(len(c) == 2 and c[1] == letter.eos_id for c in b["cand_ids"]) and len(set(firsts)) == len(firsts)
+        k = int(s.label)
+        assert b["cf_ids"][b["cf_prompt_len"]:] == b["cand_ids"][k] and b["answer_text"] == "ABCDEFGHIJ"[k]
+        assert tok.decode(b["cand_ids"][k][:1]).strip() == b["answer_text"]
+        text = tok.decode(b["text_ids"][: b["text_prompt_len"]])
+        for j, c in enumerate(s.candidates):
+            assert f" {'ABCDEFGHIJ'[j]}. {letter.titles[c]}" in text
+        assert text.endswith(" Answer:" + tok.decode(letter.letter_prefix))
+        assert b["slot_cf_id"] == a["slot_cf_id"] and b["text_ids"] == [t for p, t in enumerate(b["cf_ids"])
+                                                                         if p not in set(b["slot_pos"])]
+    assert seen > 0
+    with pytest.raises(DataError, match="sequential_answer"):
+        PromptBuilder(tok, proto.titles, sequential_answer="index")
+    with pytest.raises(ValueError, match="n_candidates: at most 26"):
+        DataConfig(sequential_answer="letter", n_candidates=30).validate()

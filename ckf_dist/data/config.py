@@ -26,6 +26,7 @@ class DataConfig:
     max_history: int = 10
     n_candidates: int = 10             # sequential: 1 true next item + n-1 sampled negatives
     negatives: Literal["uniform", "popularity"] = "uniform"   # candidates' negatives: uniform or popularity-matched
+    sequential_answer: Literal["title", "letter"] = "title"   # the answer: the item's title (paper) or its option letter
     cold_max_interactions: int = 5     # users with <= this many training interactions are cold
     cold_user_fraction: float = 0.1    # share of users held out as cold (never in training)
     task_weights: dict[str, float] = field(default_factory=lambda: {"ctr": 1.0, "sequential": 1.0, "rating": 1.0, "review": 1.0})
@@ -70,6 +71,10 @@ class DataConfig:
         fr = self.temporal_fractions
         if len(fr) != 3 or min(fr) <= 0 or abs(sum(fr) - 1.0) > 1e-6:
             raise ValueError(f"temporal_fractions: three positive fractions (train, valid, test) summing to 1, got {fr}")
+        if self.sequential_answer not in ("title", "letter"):
+            raise ValueError(f"sequential_answer: 'title' or 'letter', got {self.sequential_answer!r}")
+        if self.sequential_answer == "letter" and self.n_candidates > 26:
+            raise ValueError(f"n_candidates: at most 26 with sequential_answer: letter (options A-Z), got {self.n_candidates}")
         if self.negatives not in ("uniform", "popularity"):
             raise ValueError(f"negatives: 'uniform' or 'popularity', got {self.negatives!r}")
         if self.engine not in ("local", "ray"):

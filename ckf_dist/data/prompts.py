@@ -6,13 +6,19 @@ its embedding is overwritten by the bridge, so the vocabulary never changes) and
 slot positions, kinds and CF ids; the text variant is the same token sequence with every
 slot removed, so ``text_ids == [t for p, t in enumerate(cf_ids) if p not in slot_pos]``.
 
+The sequential answer is the chosen item's title (the paper's format) or, with
+``sequential_answer="letter"``, the option's letter: one token per candidate, so the training
+loss is spent on the choice rather than on copying a title, and every candidate is scored
+from one position's distribution.
+
 Answers end with eos. Where all answers of a classification task share leading tokens
 (SmolLM2 splits " 4" into " " + "4"), the shared tokens move into the prompt, so the
 *first* answer token alone tells the classes apart; ``answer_tokens()`` lists those ids.
 
     ctr        User <U> rated: Heat <I> (4); Fargo <I> (5). Will the user like Alien <I>? Answer: Yes
     rating     User <U> rated: ... How will the user rate Alien <I> (1-5)? Rating: 4
-    sequential User <U> chose: Heat <I>; Fargo <I>. Which is next? Options: A <I>; B <I>; ... Answer: B
+    sequential User <U> chose: Heat <I>; Fargo <I>. Which is next? Options: Alien <I>; Up <I>; ... Answer: Up
+    (sequential_answer="letter": ... Options: A. Alien <I>; B. Up <I>; ... Answer: B)
     review     User <U> rated: ... Write the user's short review of Alien <I>: Great film
 """
 
@@ -26,6 +32,8 @@ from ckf_dist.data.protocol import Sample
 
 CTR_ANSWERS = (" No", " Yes")                       # label 0 / 1
 RATING_ANSWERS = tuple(f" {r}" for r in range(1, 6))
+LETTERS = tuple(chr(ord("A") + k) for k in range(26))      # sequential_answer="letter": option labels
+SEQUENTIAL_ANSWERS = ("title", "letter")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +52,7 @@ class PromptBuilder:
     """Builds the token rows of samples for one tokenizer and one item-title table."""
 
     def __init__(self, tokenizer, titles: list[str], max_title_chars: int = 80, max_review_tokens: int = 32,
-                 max_length: int = 512):
+                 max_length: int = 512, sequential_answer: str = "title"):
         self.tok = tokenizer
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
@@ -57,6 +65,11 @@ class PromptBuilder:
         self.title_ids = self.encode_many([" " + t for t in self.titles])
         self.ctr_prefix, self.ctr_first = self._classes(CTR_ANSWERS)
         self.rating_prefix, self.rating_first = self._classes(RATING_ANSWERS)
+        if sequential_answer not in SEQUENTIAL_ANSWERS:
+            raise DataError(f"data.sequential_answer: one of {SEQUENTIAL_ANSWERS}, got {sequential_answer!r}")
+        self.sequential_answer = sequential_answer
+        if sequential_answer == "letter":
+            self.letter_prefix, self.letter_first = self._classes(tuple(" " + c for c in LETTERS))
 
     # ------------------------------------------------------------------ tokenization
     def encode_many(self, texts: list[str]) -> list[list[int]]:
@@ -110,8 +123,16 @@ class PromptBuilder:
             return segs + [self.rating_prefix], self.rating_first[r - 1] + [self.eos_id], str(r), []
         if s.task == "sequential":
             segs = head + [" chose:"] + self._history(s, False) + [" Which is next? Options:"]
+            letters = self.sequential_answer == "letter"
+            if letters and len(s.candidates) > len(LETTERS):
+                raise DataError(f"a sequential sample of user {s.user} has {len(s.candidates)} candidates; "
+                                f"data.sequential_answer: letter labels at most {len(LETTERS)} (lower data.n_candidates)")
             for k, c in enumerate(s.candidates):
-                segs += [("title", c), Slot(ITEM_SLOT, c), "." if k == len(s.candidates) - 1 else ";"]
+                segs += ([f" {LETTERS[k]}."] if letters else []) + [("title", c), Slot(ITEM_SLOT, c),
+                                                                   "." if k == len(s.candidates) - 1 else ";"]
+            if letters:
+                cand = [self.letter_first[k] + [self.eos_id] for k in range(len(s.candidates))]
+                return segs + [" Answer:", self.letter_prefix], cand[int(s.label)], LETTERS[int(s.label)], cand
             cand = [self.title_ids[c] + [self.eos_id] for c in s.candidates]
             return segs + [" Answer:"], cand[int(s.label)], self.titles[s.item], cand
         if s.task == "review":

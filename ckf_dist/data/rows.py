@@ -9,11 +9,13 @@ any number of workers, in any order, write byte-identical shards to the local pa
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from ckf_dist.contract import SPLITS, TASK_ID
+from ckf_dist.data.errors import DataError
 from ckf_dist.data.prompts import PromptBuilder
 from ckf_dist.data.protocol import Protocol
 
@@ -76,16 +78,18 @@ class ShardBuilder:
     tokenizer once, then ``write(job)`` returns the shard's manifest entry."""
 
     def __init__(self, proto: Protocol, tokenizer: str, url: str, max_title_chars: int, max_review_tokens: int,
-                 max_length: int):
+                 max_length: int, sequential_answer: str = "title"):
         from ckf_dist.data.shards import ShardFiles
         from ckf_dist.resources import load_tokenizer
 
         self.proto = proto
         self.builder = PromptBuilder(load_tokenizer(tokenizer), proto.titles, max_title_chars, max_review_tokens,
-                                     max_length)
+                                     max_length, sequential_answer)
         self.files = ShardFiles(url)
 
     def write(self, job: ShardJob) -> dict:
+        if os.environ.get("CKF_FAULT") == f"shard@{job.split}/{job.index}":      # test fault injection
+            raise DataError(f"injected fault writing shard {job.split}/{job.index} (CKF_FAULT)")
         rows = list(iter_rows(self.proto, self.builder, job.samples, job.split, job.first_id))
         return self.files.write_shard(job.split, job.index, rows)
 

@@ -99,7 +99,8 @@ def _footer(report: dict) -> str:
            f"groups: warm = seen in training, neither cold; user-cold = <= {opts.get('cold_user_max')} known "
            f"interactions; item-cold = target with <= {opts.get('cold_item_max')} training interactions; "
            f"unseen = users held out of training; fewer than {opts.get('min_group_rows')} rows = too small.",
-           f"sequential candidates scored by the {opts.get('candidate_scoring', 'sum')} of token log-probs; "
+           f"sequential candidates scored by the {opts.get('candidate_scoring', 'sum')} of token log-probs of "
+           f"their answer ({'the option letter' if opts.get('sequential_answer') == 'letter' else 'the title'}); "
            f"negatives: {opts.get('negatives', 'uniform')}."]
     labels = report.get("methods", {})
     if labels:

@@ -192,6 +192,7 @@ def run_evaluate(cfg, run: str, out_dir: str | Path | None = None, progress: boo
         "options": {"candidate_scoring": e.candidate_scoring, "lm_prior": e.lm_prior, "bootstrap": e.bootstrap, "cold_user_max": e.cold_user_max,
                     "cold_item_max": e.cold_item_max, "min_group_rows": e.min_group_rows,
                     "negatives": manifest.get("data_config", {}).get("negatives", "uniform"),
+                    "sequential_answer": manifest.get("data_config", {}).get("sequential_answer", "title"),
                     "split": manifest.get("data_config", {}).get("split", "leave-last-out")},
         "rows": {t: len(r) for t, r in rows.items()}, "methods": {m: d for m, d in notes.items() if m in used},
         "results": results, "diffs": diffs, "retrieval": {k: cf_metrics[k] for k in ("negatives", "test") if k in cf_metrics},

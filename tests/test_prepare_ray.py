@@ -7,7 +7,6 @@ import json
 import pytest
 from conftest import tiny_config
 
-from ckf_dist.data import rows as rows_mod
 from ckf_dist.data.errors import DataError
 from ckf_dist.data.stream import ShardStream
 from ckf_dist.stages.prepare import run_prepare
@@ -41,16 +40,12 @@ def test_ray_engine_writes_the_local_dataset(tmp_path):
 
 
 def test_ray_worker_failure_leaves_no_complete_dataset(tmp_path, monkeypatch):
-    """A row-building actor that fails mid-way: the error reaches the caller and no manifest is written."""
-    real = rows_mod.ShardBuilder.write
-
-    def fails_on_third(self, job):
-        if job.split == "train" and job.index == 2:
-            raise DataError("shard builder killed")
-        return real(self, job)
-    monkeypatch.setattr(rows_mod.ShardBuilder, "write", fails_on_third)
+    """A row-building actor that fails mid-way (the third training shard; ``CKF_FAULT`` reaches the
+    actors through the environment of the local cluster): the error reaches the caller and no
+    manifest is written."""
+    monkeypatch.setenv("CKF_FAULT", "shard@train/2")
     out = tmp_path / "ds"
-    with pytest.raises(Exception, match="shard builder killed"):
+    with pytest.raises(Exception, match="injected fault writing shard train/2"):
         run_prepare(tiny_config(out, engine="ray", ray_workers=2), progress=False)
     assert not (out / "manifest.json").exists()
     with pytest.raises(DataError, match="unfinished `ckf prepare`"):

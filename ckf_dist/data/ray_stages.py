@@ -15,6 +15,12 @@ from a generator seeded by (seed, stream, user), so users can be cut into ranges
 the samples of a range each (:func:`ckf_dist.data.protocol.user_samples`, ranges of about equal
 interactions), and the driver appends them in user order, which is the local table.
 
+**Prompt rows and shards** (:func:`rows_on_ray`). The shard plan (:func:`ckf_dist.data.rows.shard_plan`)
+is fixed by the dataset alone; a Ray Data pipeline over the plan's job numbers runs
+``map_batches`` on a pool of ``data.ray_workers`` actors, each holding the slimmed protocol and the
+tokenizer once, that build, tokenize and write one shard per job to the output URL and return its
+manifest entry. Entries are put back in plan order, so the manifest is the local one.
+
 **k-core.**
 k-core filtering keeps the largest set of interactions in which every user and every item has
 at least ``k`` of them. It is unique, so any order of removals that stops at a fixed point
@@ -187,3 +193,46 @@ def samples_on_ray(ctx, seqs: list, seq_split: list, warm: np.ndarray, n_hist: n
     refs = [task.remote(ctx_ref, lo, seqs[lo:hi], seq_split[lo:hi], warm[lo:hi], n_hist[lo:hi],
                         text_flags[lo:hi] if text_flags is not None else None) for lo, hi in ranges]
     return ray.get(refs)
+
+
+class _ShardWriter:
+    """``map_batches`` callable of :func:`rows_on_ray`: builds and writes the shards of the plan's
+    job numbers it is given; returns each shard's manifest entry (JSON) and this actor's peak RSS."""
+
+    def __init__(self, proto_box: list, seed: int, shard_rows: int, tokenizer: str, url: str, max_title_chars: int,
+                 max_review_tokens: int, max_length: int, sequential_answer: str):
+        import ray
+
+        from ckf_dist.data.rows import ShardBuilder, shard_plan
+
+        proto = ray.get(proto_box[0])
+        self.jobs = shard_plan(proto, seed, shard_rows)
+        self.builder = ShardBuilder(proto, tokenizer, url, max_title_chars, max_review_tokens, max_length,
+                                    sequential_answer)
+
+    def __call__(self, batch: dict) -> dict:
+        import json
+
+        ids = np.asarray(batch["id"], dtype=np.int64)
+        entries = [json.dumps(self.builder.write(self.jobs[int(k)])) for k in ids]
+        return {"id": ids, "entry": np.array(entries, dtype=object),
+                "rss": np.full(len(ids), self.builder.peak_rss(), dtype=np.int64)}
+
+
+def rows_on_ray(proto, n_jobs: int, seed: int, d):
+    """Build and write the ``n_jobs`` shards of ``shard_plan(proto, seed, d.shard_rows)`` with
+    ``map_batches`` on ``d.ray_workers`` actors (1 CPU each). Yields ``(job number, manifest entry,
+    the writing actor's peak RSS in bytes)`` as each shard lands, in any order."""
+    import json
+
+    import ray
+
+    from ckf_dist.data.rows import slim
+
+    box = [ray.put(slim(proto))]               # boxed: each actor fetches it once, nothing inlines it
+    ds = ray.data.range(n_jobs, override_num_blocks=max(1, n_jobs)).map_batches(
+        _ShardWriter, batch_size=1, concurrency=d.ray_workers, num_cpus=1,
+        fn_constructor_args=(box, seed, d.shard_rows, d.tokenizer, d.output, d.max_title_chars,
+                             d.max_review_tokens, d.max_length, d.sequential_answer))
+    for row in ds.iter_rows():
+        yield int(row["id"]), json.loads(row["entry"]), int(row["rss"])

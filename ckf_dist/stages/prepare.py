@@ -18,7 +18,7 @@ import pyarrow as pa
 from ckf_dist.cf import train_cf
 from ckf_dist.data.prompts import PromptBuilder
 from ckf_dist.data.protocol import SPLITS, Protocol, build_protocol
-from ckf_dist.data.rows import ShardBuilder, iter_rows, shard_plan, slim, split_order
+from ckf_dist.data.rows import iter_rows, shard_plan, split_order
 from ckf_dist.data.shards import DatasetWriter, preflight, table_bytes
 from ckf_dist.data.sources import load_interactions
 from ckf_dist.resources import load_tokenizer, tokenizer_fingerprint
@@ -64,28 +64,23 @@ def ray_session(cfg, progress: bool):
 
 
 def _rows_on_ray(cfg, proto: Protocol, writer: DatasetWriter, lease, progress: bool) -> int:
-    """Build and write the shards on ``data.ray_workers`` Ray actors (inside :func:`ray_session`);
-    entries come back in manifest order. Returns the largest peak RSS of the workers, in bytes."""
-    import ray
-    from ray.util import ActorPool
+    """Build and write the shards with Ray Data ``map_batches`` on ``data.ray_workers`` actors
+    (inside :func:`ray_session`; :func:`ckf_dist.data.ray_stages.rows_on_ray`); entries are added
+    in manifest order. Returns the largest peak RSS of the workers, in bytes."""
+    from ckf_dist.data.ray_stages import rows_on_ray
 
     d = cfg.data
-    ref = ray.put(slim(proto))
-    actor = ray.remote(num_cpus=1)(ShardBuilder)
-    workers = [actor.remote(ref, d.tokenizer, d.output, d.max_title_chars, d.max_review_tokens, d.max_length)
-               for _ in range(d.ray_workers)]
-    try:
-        jobs = shard_plan(proto, cfg.seed, d.shard_rows)
-        results = ActorPool(workers).map(lambda w, job: w.write.remote(job), jobs)     # in job order
-        entries = []
-        for entry in bar(results, len(jobs), "  shards", progress):
-            entries.append(entry)
-            lease.check()
-        writer.add_shards(entries)
-        return max(ray.get([w.peak_rss.remote() for w in workers]))
-    finally:
-        for w in workers:                          # on a joined cluster they would outlive the run
-            ray.kill(w)
+    n_jobs = len(shard_plan(proto, cfg.seed, d.shard_rows))
+    got, rss = {}, 0
+    for k, entry, worker_rss in bar(rows_on_ray(proto, n_jobs, cfg.seed, d), n_jobs, "  shards", progress):
+        got[k] = entry
+        rss = max(rss, worker_rss)
+        lease.check()
+    missing = sorted(set(range(n_jobs)) - set(got))
+    if missing:
+        raise RuntimeError(f"prepare on Ray: shards {missing[:5]} of {n_jobs} never reported back; nothing was committed")
+    writer.add_shards([got[k] for k in range(n_jobs)])
+    return rss
 
 
 def _metrics_lines(metrics: dict) -> list[str]:
@@ -167,7 +162,7 @@ def _prepare(cfg, overwrite: bool, progress: bool, lease) -> dict:
     stages.lap("cf")
     status(progress, "\n".join(_metrics_lines(cf.metrics)) + f"\n  [{stages.line('cf')}]")
     tok = load_tokenizer(d.tokenizer)
-    builder = PromptBuilder(tok, proto.titles, d.max_title_chars, d.max_review_tokens, d.max_length)
+    builder = PromptBuilder(tok, proto.titles, d.max_title_chars, d.max_review_tokens, d.max_length, d.sequential_answer)
     task_counts = proto.table.counts()
     writer = DatasetWriter(d.output, overwrite=overwrite)
     files = {}

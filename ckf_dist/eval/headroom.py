@@ -167,14 +167,8 @@ def effect(rows: dict, with_: str, without: str, against: list[str], seed: int =
 def difference(rows: dict, a: str, b: str, seed: int = 42, n_boot: int = 1000) -> dict:
     """AUC of ``a`` and of ``b`` on the same rows and the paired difference ``a - b`` (user-level
     bootstrap): for two methods neither of which is a study's reference."""
-    _require_scores(rows, [a, b])
-    labels = np.asarray(rows["label"], dtype=np.float64)
-    sa, sb = (np.asarray(rows[f"score:{m}"], dtype=np.float64) for m in (a, b))
-    reps = replicate(Resampler(np.asarray(rows["user"], dtype=np.int64), n_boot, seed, "difference"),
-                     {"a": {"auc": auc_stat(labels, sa)}, "b": {"auc": auc_stat(labels, sb)}})
-    pa, pb = auc(labels.tolist(), sa.tolist()), auc(labels.tolist(), sb.tolist())
-    return {"n": int(len(labels)), "a": a, "b": b, "auc_a": summarize(pa, reps["a"]["auc"]),
-            "auc_b": summarize(pb, reps["b"]["auc"]), "diff": paired(pa, pb, reps["a"]["auc"], reps["b"]["auc"])}
+    d = difference_over_pairs(rows, [(a, b)], seed, n_boot)
+    return {"n": d["n"], **d["pairs"][0]}
 
 
 def difference_over_pairs(rows: dict, pairs: list[tuple[str, str]], seed: int = 42, n_boot: int = 1000) -> dict:
@@ -191,16 +185,15 @@ def difference_over_pairs(rows: dict, pairs: list[tuple[str, str]], seed: int = 
     scores = {m: np.asarray(rows[f"score:{m}"], dtype=np.float64) for m in methods}
     reps = replicate(Resampler(np.asarray(rows["user"], dtype=np.int64), n_boot, seed, "difference"),
                      {m: {"auc": auc_stat(labels, scores[m])} for m in methods})
+    reps = {m: r["auc"] for m, r in reps.items()}
     point = {m: auc(labels.tolist(), scores[m].tolist()) for m in methods}
-    out = []
-    for a, b in pairs:
-        out.append({"a": a, "b": b, "auc_a": summarize(point[a], reps[a]["auc"]),
-                    "auc_b": summarize(point[b], reps[b]["auc"]),
-                    "diff": paired(point[a], point[b], reps[a]["auc"], reps[b]["auc"])})
+    out = [{"a": a, "b": b, "auc_a": summarize(point[a], reps[a]), "auc_b": summarize(point[b], reps[b]),
+            "diff": paired(point[a], point[b], reps[a], reps[b])} for a, b in pairs]
+    a_side, b_side = zip(*pairs)
+    # the mean of the differences is the difference of the means, on the same draws
+    mean = paired(float(np.mean([point[m] for m in a_side])), float(np.mean([point[m] for m in b_side])),
+                  np.mean([reps[m] for m in a_side], axis=0), np.mean([reps[m] for m in b_side], axis=0))
     diffs = np.array([point[a] - point[b] for a, b in pairs])
-    mean_reps = np.mean([reps[a]["auc"] - reps[b]["auc"] for a, b in pairs], axis=0)
-    mean = summarize(float(diffs.mean()), mean_reps)
-    mean["excludes_zero"] = bool(np.isfinite(mean["lo"]) and (mean["lo"] > 0 or mean["hi"] < 0))
     return {"n": int(len(labels)), "pairs": out, "mean": mean,
             "spread": float(diffs.max() - diffs.min()), "same_sign": bool(np.all(diffs > 0) or np.all(diffs < 0))}
 

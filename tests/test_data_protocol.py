@@ -280,7 +280,7 @@ def test_default_protocol_records_no_subset_stats(proto):
 def test_samples_drawn_per_user_range_are_the_whole_table(log, negatives):
     """What ``data.engine: ray`` relies on: the samples of users cut into ranges (as Ray tasks draw
     them), appended in user order, are the samples drawn in one pass, candidates included."""
-    from ckf_dist.data.protocol import SampleContext, popularity_cdf, user_samples
+    from ckf_dist.data.samples import SampleContext, popularity_cdf, user_samples
     from ckf_dist.data.ray_stages import user_ranges
 
     cfg = dataclasses.replace(CFG, negatives=negatives, task_weights={"ctr": 1.0, "sequential": 2.0, "rating": 1.0,
@@ -299,7 +299,7 @@ def test_samples_drawn_per_user_range_are_the_whole_table(log, negatives):
     parts = [user_samples(ctx, lo, proto.seqs[lo:hi], proto.seq_split[lo:hi], proto.warm[lo:hi], n_hist[lo:hi],
                           flags[lo:hi]) for lo, hi in ranges]
     whole = build_protocol(log, cfg, seed=11).table
-    from ckf_dist.data.protocol import SampleTable
+    from ckf_dist.data.samples import SampleTable
 
     merged = SampleTable()
     for split in ("valid", "test"):

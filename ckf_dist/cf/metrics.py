@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ckf_dist.data.protocol import Protocol, sample_negatives
+from ckf_dist.data.protocol import Protocol
+from ckf_dist.data.samples import sample_negatives
 from ckf_dist.metrics import expected_ranking, rank_counts
 
 

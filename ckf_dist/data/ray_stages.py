@@ -12,7 +12,7 @@ first bad record in file order is the error, with its file and line, as on one m
 
 **Samples** (:func:`samples_on_ray`). Every draw of the split's samples (task, candidates) comes
 from a generator seeded by (seed, stream, user), so users can be cut into ranges: Ray tasks draw
-the samples of a range each (:func:`ckf_dist.data.protocol.user_samples`, ranges of about equal
+the samples of a range each (:func:`ckf_dist.data.samples.user_samples`, ranges of about equal
 interactions), and the driver appends them in user order, which is the local table.
 
 **Prompt rows and shards** (:func:`rows_on_ray`). The shard plan (:func:`ckf_dist.data.rows.shard_plan`)
@@ -181,11 +181,11 @@ def user_ranges(sizes: np.ndarray, parts: int) -> list[tuple[int, int]]:
 
 def samples_on_ray(ctx, seqs: list, seq_split: list, warm: np.ndarray, n_hist: np.ndarray,
                    text_flags: list | None, blocks: int = 8) -> list[dict]:
-    """The parts :func:`ckf_dist.data.protocol.user_samples` returns for ranges of users, drawn by
+    """The parts :func:`ckf_dist.data.samples.user_samples` returns for ranges of users, drawn by
     Ray tasks (``ray.init`` first), in user order."""
     import ray
 
-    from ckf_dist.data.protocol import user_samples
+    from ckf_dist.data.samples import user_samples
 
     task = ray.remote(num_cpus=1)(user_samples)
     ctx_ref = ray.put(ctx)

@@ -87,6 +87,43 @@ def test_kcore_on_ray_data_is_the_local_kcore():
         ray.shutdown()
 
 
+def test_split_on_ray_data_is_the_local_split():
+    """The per-user chronological split on Ray Data (a map-side combine of each block's latest two
+    rows per user, merged on the driver, then a labelling ``map_batches``) labels every interaction
+    as the local split does, for leave-last-out and temporal cuts; users cut across blocks, and
+    users too short to split, included."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import ray
+
+    from ckf_dist.data.protocol import _split_labels
+    from ckf_dist.data.ray_stages import split_on_ray
+
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 9, 400)                                 # 1..8 rows: some too short
+    users = np.repeat(np.arange(400), lengths)
+    times = np.concatenate([np.sort(rng.integers(0, 50, n)) for n in lengths]).astype(np.float64)  # ties too
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    long = lengths >= 3
+    ray.init(num_cpus=3, include_dashboard=False)
+    try:
+        for split in ("leave-last-out", "temporal"):
+            cfg = SimpleNamespace(split=split, temporal_fractions=(0.7, 0.15, 0.15))
+            stats: dict = {}
+            want = _split_labels(cfg, times, starts[long], ends[long], stats)
+            cuts = (stats["temporal_cut_valid"], stats["temporal_cut_test"]) if split == "temporal" else None
+            got = split_on_ray(users, times, cuts, min_rows=3, blocks=7)
+            assert len(got) == len(users) and (got[np.repeat(~long, lengths)] == -1).all()
+            for k, (s, e) in enumerate(zip(starts[long], ends[long])):
+                np.testing.assert_array_equal(got[s:e], want[k], err_msg=f"{split} user {k}")
+            if split == "leave-last-out":
+                assert (got == 2).sum() == (got == 1).sum() == long.sum()
+    finally:
+        ray.shutdown()
+
+
 def _same_table(a, b) -> None:
     import numpy as np
 

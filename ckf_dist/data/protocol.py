@@ -215,7 +215,16 @@ def build_protocol(log: Interactions, cfg: DataConfig, seed: int) -> Protocol:
         lengths = pc.binary_length(texts).to_numpy(zero_copy_only=False)
         has_text = lengths > 0                                        # per kept interaction
     item_titles = [log.titles.get(r) or f"item {r}" for r in item_raw]
-    seq_split = _split_labels(cfg, log.timestamps[order], starts, ends, stats)
+    times = log.timestamps[order]
+    if cfg.engine == "ray":                                           # the split on Ray Data
+        from ckf_dist.data.ray_stages import split_on_ray
+
+        cuts = _temporal_cuts(cfg, times, starts, ends, stats) if cfg.split == "temporal" else None
+        labels = split_on_ray(u, times, cuts, min_rows=3, blocks=4 * cfg.ray_workers)
+        seq_split = [labels[s:e] for s, e in zip(starts, ends)]
+    else:
+        seq_split = _split_labels(cfg, times, starts, ends, stats)
+    del times
     n_hist = np.array([int((lab == 0).sum()) for lab in seq_split])
 
     n_cold = int(round(cfg.cold_user_fraction * n_users))

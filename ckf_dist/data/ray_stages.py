@@ -1,5 +1,5 @@
-"""Prepare stages on Ray (``data.engine: ray``): parsing a log in parallel, and the k-core filter
-on Ray Data as iterated group-by counts.
+"""Prepare stages on Ray (``data.engine: ray``): parsing a log in parallel, the k-core filter
+on Ray Data as iterated group-by counts, the per-user split, sample drawing, and prompt rows.
 
 **Parsing** (:func:`parse_on_ray`). A compressed file is one stream that only one reader can
 decompress, but decompressing and cutting lines is cheap next to parsing them (JSON, checks, text
@@ -14,6 +14,12 @@ first bad record in file order is the error, with its file and line, as on one m
 from a generator seeded by (seed, stream, user), so users can be cut into ranges: Ray tasks draw
 the samples of a range each (:func:`ckf_dist.data.samples.user_samples`, ranges of about equal
 interactions), and the driver appends them in user order, which is the local table.
+
+**Split** (:func:`split_on_ray`). Leave-last-out needs, per user, its row count and its two
+latest rows: each block finds them for its own users (a map-side combine), the driver folds
+them into three dense per-user arrays, and a ``map_batches`` pass labels every row (history,
+valid, test, or dropped for a user with fewer than 3 rows). The temporal split labels rows by
+two global time cuts (quantiles the driver takes over the timestamps).
 
 **Prompt rows and shards** (:func:`rows_on_ray`). The shard plan (:func:`ckf_dist.data.rows.shard_plan`)
 is fixed by the dataset alone; a Ray Data pipeline over the plan's job numbers runs
@@ -166,6 +172,83 @@ def kcore_on_ray(users: np.ndarray, items: np.ndarray, k: int, blocks: int = 8) 
     for batch in ds.select_columns(["row"]).iter_batches(batch_format="numpy", batch_size=1 << 20):
         mask[batch["row"]] = True
     return mask, rounds
+
+
+def _last_two(batch: dict) -> dict:
+    """Map-side combine of the split: per user in this batch, its row count and its latest and
+    second-latest row numbers (-1 where it has one row)."""
+    order = np.lexsort((batch["row"], batch["u"]))
+    u, row = batch["u"][order], batch["row"][order]
+    end = np.r_[np.flatnonzero(np.diff(u)) + 1, len(u)] - 1         # last position of each user
+    begin = np.r_[0, end[:-1] + 1]
+    second = np.where(end > begin, row[np.maximum(end - 1, 0)], -1)
+    return {"u": u[end], "n": (end - begin + 1).astype(np.int64), "last": row[end], "second": second}
+
+
+def _merge_last_two(top: np.ndarray, u: np.ndarray, last: np.ndarray, second: np.ndarray) -> None:
+    """Fold partial (user, latest, second latest) rows into ``top`` [n_users, 2] (a user may
+    appear in several partials of one batch; -1 is no row)."""
+    seen = np.unique(u)
+    who = np.r_[u, u, seen, seen]
+    row = np.r_[last, second, top[seen, 0], top[seen, 1]]
+    who, row = who[row >= 0], row[row >= 0]
+    order = np.lexsort((row, who))
+    who, row = who[order], row[order]
+    end = np.r_[np.flatnonzero(np.diff(who)) + 1, len(who)] - 1
+    begin = np.r_[0, end[:-1] + 1]
+    top[who[end], 0] = row[end]
+    top[who[end], 1] = np.where(end > begin, row[np.maximum(end - 1, 0)], -1)
+
+
+def _split_rows(batch: dict, last, second, count, cuts, min_rows: int) -> dict:
+    """Split label of each row: 0 history, 1 valid, 2 test, -1 for a user too short to split."""
+    import ray
+
+    last, second, count = ray.get([last, second, count])
+    u, row = batch["u"], batch["row"]
+    if cuts is None:                                                  # leave-last-out
+        label = np.where(row == last[u], 2, np.where(row == second[u], 1, 0))
+    else:                                                             # global time cuts
+        label = np.where(batch["ts"] < cuts[0], 0, np.where(batch["ts"] < cuts[1], 1, 2))
+    label = np.where(count[u] >= min_rows, label, -1).astype(np.int8)
+    return {"row": row, "label": label}
+
+
+def split_on_ray(users: np.ndarray, times: np.ndarray, cuts: tuple[float, float] | None, min_rows: int = 3,
+                 blocks: int = 8) -> np.ndarray:
+    """The per-user chronological split on Ray Data (``ray.init`` first): the split label of every
+    interaction (users sorted, each user's rows in chronological order, as the local protocol
+    holds them): 0 history, 1 validation, 2 test, -1 for a user with fewer than ``min_rows``.
+
+    ``cuts`` None is leave-last-out: a map-side combine finds each user's row count and two
+    latest rows per block, the driver merges them into three dense per-user arrays (memory grows
+    with users, not interactions), and a ``map_batches`` pass labels the rows. Otherwise ``cuts``
+    are the two global time cuts of the temporal split, applied row by row."""
+    import ray
+
+    users = np.asarray(users)
+    n = len(users)
+    if n == 0:
+        return np.zeros(0, dtype=np.int8)
+    n_users = int(users.max()) + 1
+    table = pa.table({"row": pa.array(np.arange(n, dtype=np.int64)), "u": pa.array(users.astype(np.int32)),
+                      "ts": pa.array(np.asarray(times, dtype=np.float64))})
+    step = -(-n // max(1, min(blocks, n)))
+    ds = ray.data.from_arrow([table.slice(s, step) for s in range(0, n, step)])
+    count = np.zeros(n_users, dtype=np.int64)
+    top = np.full((n_users, 2), -1, dtype=np.int64)                  # latest, second latest row
+    partial = ds.map_batches(_last_two, batch_format="numpy", batch_size=None)
+    for b in partial.iter_batches(batch_format="numpy", batch_size=1 << 16):
+        np.add.at(count, b["u"], b["n"])
+        _merge_last_two(top, b["u"], b["last"], b["second"])
+    refs = [ray.put(x) for x in (top[:, 0].copy(), top[:, 1].copy(), count)]
+    labelled = ds.map_batches(_split_rows, fn_kwargs={"last": refs[0], "second": refs[1], "count": refs[2],
+                                                      "cuts": cuts, "min_rows": min_rows},
+                              batch_format="numpy", zero_copy_batch=True)
+    out = np.full(n, -1, dtype=np.int8)
+    for b in labelled.iter_batches(batch_format="numpy", batch_size=1 << 20):
+        out[b["row"]] = b["label"]
+    return out
 
 
 def user_ranges(sizes: np.ndarray, parts: int) -> list[tuple[int, int]]:

@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace a complete dataset at data.output")
     p.add_argument("--address", default=None, metavar="RAY_ADDRESS",
-                   help="build the prompt rows and shards on this Ray cluster (sets data.engine=ray and "
-                        "data.ray_address; data.ray_workers actors, default 2)")
+                   help="prepare on this Ray cluster: parsing, k-core, split, samples, prompt rows and shards "
+                        "(sets data.engine=ray and data.ray_address; data.ray_workers actors, default 2)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="run the Ray Train + DeepSpeed job; checkpoints go to train.storage")

@@ -177,6 +177,8 @@ def kcore_on_ray(users: np.ndarray, items: np.ndarray, k: int, blocks: int = 8) 
 def _last_two(batch: dict) -> dict:
     """Map-side combine of the split: per user in this batch, its row count and its latest and
     second-latest row numbers (-1 where it has one row)."""
+    if len(batch["u"]) == 0:
+        return {"u": batch["u"], "n": np.zeros(0, np.int64), "last": batch["row"], "second": batch["row"]}
     order = np.lexsort((batch["row"], batch["u"]))
     u, row = batch["u"][order], batch["row"][order]
     end = np.r_[np.flatnonzero(np.diff(u)) + 1, len(u)] - 1         # last position of each user
@@ -188,6 +190,8 @@ def _last_two(batch: dict) -> dict:
 def _merge_last_two(top: np.ndarray, u: np.ndarray, last: np.ndarray, second: np.ndarray) -> None:
     """Fold partial (user, latest, second latest) rows into ``top`` [n_users, 2] (a user may
     appear in several partials of one batch; -1 is no row)."""
+    if len(u) == 0:
+        return
     seen = np.unique(u)
     who = np.r_[u, u, seen, seen]
     row = np.r_[last, second, top[seen, 0], top[seen, 1]]

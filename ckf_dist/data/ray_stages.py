@@ -112,6 +112,17 @@ def parse_on_ray(b: TableBuilder, path: str, parse_chunk, fmt, chunk_lines: int 
     b.bad.merge(reading)
 
 
+def _row_dataset(columns: dict, blocks: int):
+    """A Ray dataset of ``columns`` (equal-length arrays, non-empty) with their row numbers in a
+    ``row`` column, cut into at most ``blocks`` blocks in row order."""
+    import ray
+
+    n = len(next(iter(columns.values())))
+    table = pa.table({"row": pa.array(np.arange(n, dtype=np.int64)), **{k: pa.array(v) for k, v in columns.items()}})
+    step = -(-n // max(1, min(blocks, n)))
+    return ray.data.from_arrow([table.slice(s, step) for s in range(0, n, step)])
+
+
 def _keep_rows(batch: dict, user_counts, item_counts, k: int) -> dict:
     """The rows of ``batch`` whose user and item both have >= k interactions (the counts arrive as
     object references: a read from the worker's object store, zero-copy)."""
@@ -154,10 +165,7 @@ def kcore_on_ray(users: np.ndarray, items: np.ndarray, k: int, blocks: int = 8) 
     if n == 0:
         return np.zeros(0, dtype=bool), 0
     n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
-    table = pa.table({"row": pa.array(np.arange(n, dtype=np.int64)), "u": pa.array(users.astype(np.int32)),
-                      "i": pa.array(items.astype(np.int32))})
-    step = -(-n // max(1, min(blocks, n)))
-    ds = ray.data.from_arrow([table.slice(s, step) for s in range(0, n, step)]).materialize()
+    ds = _row_dataset({"u": users.astype(np.int32), "i": items.astype(np.int32)}, blocks).materialize()
     kept, rounds = n, 0
     while True:
         rounds += 1
@@ -174,34 +182,34 @@ def kcore_on_ray(users: np.ndarray, items: np.ndarray, k: int, blocks: int = 8) 
     return mask, rounds
 
 
+def _top_two(who: np.ndarray, row: np.ndarray) -> tuple:
+    """Per distinct ``who`` (ascending): its number of rows, its largest and its second largest
+    ``row`` (-1 where it has one)."""
+    if len(who) == 0:
+        return who, np.zeros(0, np.int64), row, row
+    order = np.lexsort((row, who))
+    who, row = who[order], row[order]
+    end = np.r_[np.flatnonzero(np.diff(who)) + 1, len(who)] - 1     # last position of each group
+    begin = np.r_[0, end[:-1] + 1]
+    return who[end], (end - begin + 1).astype(np.int64), row[end], np.where(end > begin, row[np.maximum(end - 1, 0)], -1)
+
+
 def _last_two(batch: dict) -> dict:
     """Map-side combine of the split: per user in this batch, its row count and its latest and
     second-latest row numbers (-1 where it has one row)."""
-    if len(batch["u"]) == 0:
-        return {"u": batch["u"], "n": np.zeros(0, np.int64), "last": batch["row"], "second": batch["row"]}
-    order = np.lexsort((batch["row"], batch["u"]))
-    u, row = batch["u"][order], batch["row"][order]
-    end = np.r_[np.flatnonzero(np.diff(u)) + 1, len(u)] - 1         # last position of each user
-    begin = np.r_[0, end[:-1] + 1]
-    second = np.where(end > begin, row[np.maximum(end - 1, 0)], -1)
-    return {"u": u[end], "n": (end - begin + 1).astype(np.int64), "last": row[end], "second": second}
+    u, n, last, second = _top_two(batch["u"], batch["row"])
+    return {"u": u, "n": n, "last": last, "second": second}
 
 
 def _merge_last_two(top: np.ndarray, u: np.ndarray, last: np.ndarray, second: np.ndarray) -> None:
     """Fold partial (user, latest, second latest) rows into ``top`` [n_users, 2] (a user may
     appear in several partials of one batch; -1 is no row)."""
-    if len(u) == 0:
-        return
     seen = np.unique(u)
     who = np.r_[u, u, seen, seen]
     row = np.r_[last, second, top[seen, 0], top[seen, 1]]
-    who, row = who[row >= 0], row[row >= 0]
-    order = np.lexsort((row, who))
-    who, row = who[order], row[order]
-    end = np.r_[np.flatnonzero(np.diff(who)) + 1, len(who)] - 1
-    begin = np.r_[0, end[:-1] + 1]
-    top[who[end], 0] = row[end]
-    top[who[end], 1] = np.where(end > begin, row[np.maximum(end - 1, 0)], -1)
+    users, _, latest, second_latest = _top_two(who[row >= 0], row[row >= 0])
+    top[users, 0] = latest
+    top[users, 1] = second_latest
 
 
 def _split_rows(batch: dict, last, second, count, cuts, min_rows: int) -> dict:
@@ -235,10 +243,7 @@ def split_on_ray(users: np.ndarray, times: np.ndarray, cuts: tuple[float, float]
     if n == 0:
         return np.zeros(0, dtype=np.int8)
     n_users = int(users.max()) + 1
-    table = pa.table({"row": pa.array(np.arange(n, dtype=np.int64)), "u": pa.array(users.astype(np.int32)),
-                      "ts": pa.array(np.asarray(times, dtype=np.float64))})
-    step = -(-n // max(1, min(blocks, n)))
-    ds = ray.data.from_arrow([table.slice(s, step) for s in range(0, n, step)])
+    ds = _row_dataset({"u": users.astype(np.int32), "ts": np.asarray(times, dtype=np.float64)}, blocks)
     count = np.zeros(n_users, dtype=np.int64)
     top = np.full((n_users, 2), -1, dtype=np.int64)                  # latest, second latest row
     partial = ds.map_batches(_last_two, batch_format="numpy", batch_size=None)
